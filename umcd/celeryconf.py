@@ -1,0 +1,106 @@
+"""The one Celery configuration shared by producers (send by task name) and workers (add tasks)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from umcd.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    import celery
+
+#: queue name -> what it carries (the routing contract of docs/CONTRACTS.md)
+QUEUES: dict[str, str] = {
+    "detect": "query images to screen",
+    "screen": "insertion images to screen (benign ones join the index)",
+    "train": "CSQ training runs",
+    "attack": "adversarial set generation",
+    "eval": "benchmark runs",
+}
+
+#: task names (the contract) -> queue
+TASK_NAMES: dict[str, str] = {
+    "umcd.detect": "detect",
+    "umcd.screen": "screen",
+    "umcd.train": "train",
+    "umcd.attack": "attack",
+    "umcd.eval": "eval",
+}
+
+#: seconds Redis waits before redelivering an unacknowledged message (Celery's default: 1 hour)
+VISIBILITY_TIMEOUT_S = 600
+#: seconds a result stays in the result backend
+RESULT_EXPIRES_S = 24 * 3600
+
+
+def broker_urls(settings: Settings) -> tuple[str, str]:
+    """(broker URL, result backend URL) for these settings.
+
+    ``broker_url`` None means the embedded broker under ``settings.artifacts`` (started here if
+    no live one answers there; see :mod:`umcd.embedded`). ``result_backend`` None means the
+    broker's Redis.
+    """
+    broker = settings.broker_url
+    if broker is None:
+        from umcd.embedded import ensure_embedded
+
+        broker = ensure_embedded(settings.artifacts).url
+    backend = settings.result_backend or broker
+    return broker, backend
+
+
+def celery_config(settings: Settings, broker: str, backend: str) -> dict:
+    """The Celery configuration mapping (lowercase setting names) for these URLs."""
+    from kombu import Exchange, Queue
+
+    return {
+        "broker_url": broker,
+        "result_backend": backend,
+        # JSON only: a message in any other content type (pickle, yaml, msgpack) is refused
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        # queues and routing by task name
+        "task_queues": tuple(
+            Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES
+        ),
+        "task_default_queue": "detect",
+        "task_default_exchange": "detect",
+        "task_default_routing_key": "detect",
+        "task_routes": {name: {"queue": q, "routing_key": q} for name, q in TASK_NAMES.items()},
+        # at-least-once delivery: ack after the task ran, redeliver when a worker dies
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": settings.worker_prefetch,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "result_expires": RESULT_EXPIRES_S,
+        "result_extended": True,
+        "task_track_started": True,
+        # events for Flower
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "enable_utc": True,
+        "timezone": "UTC",
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(settings: Settings | None = None, *, name: str = "umcd") -> celery.Celery:
+    """A Celery app configured from ``settings`` (default: :func:`umcd.settings.get_settings`).
+
+    Producers use it as is and send tasks by name (``app.send_task("umcd.detect", ...)``);
+    workers register their tasks on it. Nothing here imports torch.
+    """
+    import celery
+
+    settings = settings or get_settings()
+    broker, backend = broker_urls(settings)
+    app = celery.Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings, broker, backend))
+    return app
