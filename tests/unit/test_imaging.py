@@ -1,0 +1,302 @@
+"""The worker's image decoder on a hostile corpus, random bytes and mutations, and image references."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from tests.hostile_corpus import CORPUS_LIMITS, CORPUS_NAMES, EXPECTED_CODES, build_hostile_corpus
+from workers.imaging import InvalidImage, decode_image, resolve_image_ref
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    entries = build_hostile_corpus(tmp_path_factory.mktemp("hostile"))
+    return {name: (path, expected) for name, path, expected in entries}
+
+
+def _decode(data: bytes, **overrides) -> np.ndarray:
+    return decode_image(data, **{**CORPUS_LIMITS, **overrides})
+
+
+def _png(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def _assert_model_input(array: np.ndarray, shape=(3, 32, 32)) -> None:
+    assert isinstance(array, np.ndarray)
+    assert array.shape == shape
+    assert array.dtype == np.float32
+    assert array.flags.c_contiguous
+    assert np.all(np.isfinite(array))
+    assert array.min() >= 0.0 and array.max() <= 1.0
+
+
+def _decodes_or_refuses(data: bytes) -> None:
+    """The decoder's whole contract: a model input, or InvalidImage with a reason; nothing else."""
+    try:
+        array = _decode(data)
+    except InvalidImage as exc:
+        assert exc.reason and isinstance(exc.reason, str)
+        assert exc.code
+        return
+    _assert_model_input(array)
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+def test_corpus_holds_at_least_30_files_of_both_kinds(corpus):
+    kinds = [expected for _, expected in corpus.values()]
+    assert len(corpus) >= 30
+    assert kinds.count("valid") >= 15 and kinds.count("invalid") >= 15
+
+
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_corpus_file_decodes_to_model_input_or_raises_invalid_image(corpus, name):
+    path, expected = corpus[name]
+    data = path.read_bytes()
+    if expected == "valid":
+        _assert_model_input(_decode(data))
+    else:
+        with pytest.raises(InvalidImage) as info:
+            _decode(data)
+        assert info.value.reason
+        if name in EXPECTED_CODES:
+            assert info.value.code == EXPECTED_CODES[name], info.value.reason
+
+
+def test_header_bomb_is_refused_without_allocating_its_pixels(corpus):
+    # a fresh interpreter, so its peak RSS says what decoding the 20000x20000 RGB header cost
+    # (decoding it would need 1.2 GB); the baseline interpreter with numpy and Pillow is ~60 MB
+    path = corpus["header_20000.png"][0]
+    code = (
+        "import json, resource, sys\n"
+        "from workers.imaging import decode_image, InvalidImage\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "try:\n"
+        "    decode_image(data, max_bytes=1 << 20, max_pixels=4096 * 4096, min_side=8, formats=['PNG'])\n"
+        "    code = None\n"
+        "except InvalidImage as exc:\n"
+        "    code = exc.code\n"
+        "print(json.dumps({'code': code, 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["code"] == "decompression_bomb"
+    assert report["maxrss_kb"] < 300 * 1024
+
+
+def test_header_size_is_checked_before_pixels_are_decoded(corpus, monkeypatch):
+    import workers.imaging as imaging
+
+    loads = []
+    monkeypatch.setattr(imaging, "_load", lambda im: loads.append(im.size))
+    for name in ("bomb_30000.png", "header_20000.png", "header_5000.png", "one_by_one.png"):
+        with pytest.raises(InvalidImage):
+            _decode(corpus[name][0].read_bytes())
+    assert loads == []
+
+
+def test_exif_orientation_is_applied(corpus):
+    # stored 64x32 with the left half black; orientation 6 (rotate 90° clockwise) puts black on top
+    array = _decode(corpus["exif_rotated.jpg"][0].read_bytes())
+    assert array[:, :12, :].mean() < 0.1
+    assert array[:, 20:, :].mean() > 0.9
+
+
+def test_alpha_is_composited_on_white(corpus):
+    array = _decode(corpus["rgba_alpha.png"][0].read_bytes())  # fully transparent black
+    assert np.allclose(array, 1.0)
+
+
+def test_palette_transparency_is_composited_on_white(corpus):
+    array = _decode(corpus["palette_transparency.png"][0].read_bytes())
+    # index 0 (red) is transparent -> white border; index 1 (green) is opaque in the middle
+    assert np.allclose(array[:, 0, 0], [1.0, 1.0, 1.0], atol=0.02)
+    assert np.allclose(array[:, 16, 16], [0.0, 1.0, 0.0], atol=0.02)
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped():
+    plane = np.full((16, 16), 32768, np.uint16)
+    array = _decode(_png(Image.fromarray(plane)))
+    assert np.allclose(array, 32768 / 65535, atol=1e-3)
+
+
+def test_sixteen_bit_rgb_png_keeps_its_colours(corpus):
+    array = _decode(corpus["rgb16.png"][0].read_bytes())
+    # blue channel is constant 30000/65535 over the whole image
+    assert np.allclose(array[2], 30000 / 65535, atol=0.01)
+    assert array[0, :, -1].mean() > 0.9 and array[0, :, 0].mean() < 0.1
+
+
+def test_cmyk_jpeg_is_converted_to_rgb():
+    red = Image.new("RGB", (32, 32), (255, 0, 0)).convert("CMYK")
+    array = _decode(_png(red, "JPEG", quality=95))
+    assert np.allclose(array[:, 16, 16], [1.0, 0.0, 0.0], atol=0.05)
+
+
+def test_animated_gif_uses_its_first_frame(corpus):
+    array = _decode(corpus["animated.gif"][0].read_bytes())  # frames: red, green, blue
+    assert np.allclose(array.mean(axis=(1, 2)), [1.0, 0.0, 0.0], atol=0.02)
+
+
+def test_float_tiff_in_unit_range_is_kept():
+    ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
+    array = _decode(_png(Image.fromarray(ramp, mode="F"), "TIFF"))
+    assert array[0, :, 0].mean() < 0.05 and array[0, :, -1].mean() > 0.95
+
+
+def test_output_size_follows_pillow_width_height_order():
+    array = _decode(_png(Image.new("RGB", (40, 40), (0, 0, 255))), size=(16, 24))
+    _assert_model_input(array, shape=(3, 24, 16))
+
+
+def test_min_side_boundary():
+    _assert_model_input(_decode(_png(Image.new("RGB", (8, 8)))))
+    with pytest.raises(InvalidImage, match="too small") as info:
+        _decode(_png(Image.new("RGB", (7, 100))))
+    assert info.value.code == "too_small"
+
+
+def test_byte_limit_is_checked_before_anything_else():
+    data = _png(Image.new("RGB", (16, 16)))
+    _assert_model_input(_decode(data, max_bytes=len(data)))
+    with pytest.raises(InvalidImage, match="exceeds the limit") as info:
+        _decode(data, max_bytes=len(data) - 1)
+    assert info.value.code == "too_many_bytes"
+
+
+def test_only_the_listed_formats_are_tried():
+    data = _png(Image.new("RGB", (16, 16)))
+    with pytest.raises(InvalidImage, match="not accepted") as info:
+        _decode(data, formats=["JPEG"])
+    assert info.value.code == "not_an_image"
+    _assert_model_input(_decode(data, formats=["jpg", "png"]))  # aliases and case are normalised
+
+
+def test_pixel_limit_comes_from_the_argument():
+    data = _png(Image.new("RGB", (64, 64)))
+    with pytest.raises(InvalidImage, match="decompression bomb"):
+        _decode(data, max_pixels=64 * 64 - 1)
+    _assert_model_input(_decode(data, max_pixels=64 * 64))
+
+
+def test_non_bytes_input_is_refused():
+    with pytest.raises(InvalidImage):
+        decode_image("not bytes", **CORPUS_LIMITS)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- property tests
+
+_VALID_PNG = _png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)))
+_VALID_JPEG = _png(Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)),
+                   "JPEG")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_random_bytes_decode_or_raise_invalid_image(data):
+    _decodes_or_refuses(data)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from([_VALID_PNG, _VALID_JPEG]),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+)
+def test_mutated_valid_images_decode_or_raise_invalid_image(base, edits, cut):
+    data = bytearray(base)
+    for position, value in edits:
+        data[position % len(data)] = value
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    _decodes_or_refuses(bytes(data))
+
+
+# --------------------------------------------------------------------------- image references
+
+
+def test_inline_reference_round_trips():
+    raw = _png(Image.new("RGB", (16, 16)))
+    assert resolve_image_ref({"inline": base64.b64encode(raw).decode()}) == raw
+
+
+@pytest.mark.parametrize("bad", ["not base64!!", "abc", 12, "QUJD\x00"])
+def test_bad_base64_is_a_bad_reference(bad):
+    with pytest.raises(InvalidImage) as info:
+        resolve_image_ref({"inline": bad})
+    assert info.value.code == "bad_reference"
+
+
+def test_inline_reference_over_the_byte_limit_is_refused_before_decoding():
+    text = base64.b64encode(b"x" * 5000).decode()
+    with pytest.raises(InvalidImage) as info:
+        resolve_image_ref({"inline": text}, max_bytes=1000)
+    assert info.value.code == "too_many_bytes"
+
+
+@pytest.mark.parametrize("ref", [{}, {"inline": "", "path": "/x"}, {"url": "http://x"}, [], "umcd:img:1"])
+def test_reference_needs_exactly_one_known_kind(ref):
+    with pytest.raises(InvalidImage, match="bad image reference"):
+        resolve_image_ref(ref)
+
+
+def test_redis_key_reference_reads_bytes_and_reports_missing_keys(redis_server):
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url_for(3))
+    try:
+        client.set("umcd:img:abc", b"\x89PNG bytes", ex=60)
+        assert resolve_image_ref({"redis_key": "umcd:img:abc"}, client) == b"\x89PNG bytes"
+        with pytest.raises(InvalidImage, match="missing from Redis"):
+            resolve_image_ref({"redis_key": "umcd:img:gone"}, client)
+        with pytest.raises(InvalidImage, match="must be a string starting with"):
+            resolve_image_ref({"redis_key": "celery-task-meta-abc"}, client)
+        with pytest.raises(InvalidImage, match="no Redis client"):
+            resolve_image_ref({"redis_key": "umcd:img:abc"}, None)
+    finally:
+        client.delete("umcd:img:abc")
+        client.close()
+
+
+def test_path_reference_reads_files_inside_allowed_roots(tmp_path):
+    inside = tmp_path / "shared"
+    inside.mkdir()
+    (inside / "a.png").write_bytes(b"abc")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"secret")
+    (inside / "link.png").symlink_to(outside)
+
+    assert resolve_image_ref({"path": str(inside / "a.png")}, allowed_roots=[inside]) == b"abc"
+    assert resolve_image_ref({"path": str(outside)}) == b"secret"  # no roots configured
+    with pytest.raises(InvalidImage, match="outside the allowed"):
+        resolve_image_ref({"path": str(outside)}, allowed_roots=[inside])
+    with pytest.raises(InvalidImage, match="outside the allowed"):
+        resolve_image_ref({"path": str(inside / "link.png")}, allowed_roots=[inside])
+    with pytest.raises(InvalidImage, match="outside the allowed"):
+        resolve_image_ref({"path": str(inside / ".." / "secret.png")}, allowed_roots=[inside])
+    with pytest.raises(InvalidImage, match="not found"):
+        resolve_image_ref({"path": str(inside / "missing.png")})
+    with pytest.raises(InvalidImage, match="not a regular file"):
+        resolve_image_ref({"path": str(inside)})
+    with pytest.raises(InvalidImage) as info:
+        resolve_image_ref({"path": str(inside / "a.png")}, max_bytes=2)
+    assert info.value.code == "too_many_bytes"

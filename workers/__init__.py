@@ -1,0 +1,1 @@
+"""Celery workers: the app, queue routing, tasks, batching and index replica sync."""

@@ -1,0 +1,318 @@
+"""Safe image decoding for workers: bytes -> (3, H, W) float32 in [0, 1], or InvalidImage(reason)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+#: resampling filter for the final resize (antialiased when shrinking)
+RESAMPLE = Image.Resampling.LANCZOS
+#: the prefix every ``redis_key`` image reference must carry (keeps clients off other keys)
+REDIS_KEY_PREFIX = "umcd:img:"
+_FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF", "PBM": "PPM", "PGM": "PPM"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class InvalidImage(ValueError):
+    """The input is not an image this service accepts; ``reason`` says why in plain words.
+
+    ``code`` is a short stable slug (``empty``, ``too_many_bytes``, ``not_an_image``,
+    ``truncated``, ``decompression_bomb``, ``too_small``, ``corrupt``, ``unsupported_mode``,
+    ``bad_reference``) for metrics and audit rows.
+    """
+
+    def __init__(self, reason: str, code: str = "invalid") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+def _normalise_formats(formats: Iterable[str]) -> list[str]:
+    out = []
+    for name in formats:
+        upper = name.upper().lstrip(".")
+        upper = _FORMAT_ALIASES.get(upper, upper)
+        if upper not in out:
+            out.append(upper)
+    if not out:
+        raise ValueError("formats must name at least one image format")
+    return out
+
+
+def _human_bytes(n: int) -> str:
+    """``1234567`` -> ``'1234567 bytes (1.2 MiB)'``."""
+    value, unit = float(n), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{n} bytes" if unit == "bytes" else f"{n} bytes ({value:.1f} {unit})"
+
+
+def _check_geometry(size: tuple[int, int], *, max_pixels: int, min_side: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise InvalidImage(
+            f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{max_pixels} pixels", "decompression_bomb")
+    if min(width, height) < min_side:
+        raise InvalidImage(
+            f"image too small: {width}x{height}, each side must be at least {min_side} pixels",
+            "too_small")
+
+
+def _open(data: bytes, formats: list[str], max_pixels: int) -> Image.Image:
+    """Image.open (header only, nothing decoded yet) with bombs turned into InvalidImage."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=formats)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(f"decompression bomb: {exc}", "decompression_bomb") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            "not an image, or a format that is not accepted (accepted: " + ", ".join(formats) + ")",
+            "not_an_image") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt header may raise anything from a plugin
+        raise InvalidImage(f"corrupt image header ({type(exc).__name__}: {exc})", "corrupt") from None
+
+
+def _load(im: Image.Image) -> None:
+    """Decode the pixel data, mapping every failure to InvalidImage."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(f"decompression bomb: {exc}", "decompression_bomb") from None
+    except EOFError:
+        raise InvalidImage("truncated image: the data ends before the image does", "truncated") from None
+    except MemoryError:
+        raise InvalidImage("image too large to decode in memory", "decompression_bomb") from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, ...
+        message = str(exc)
+        if "truncated" in message.lower() or "not enough data" in message.lower():
+            raise InvalidImage(f"truncated image ({message})", "truncated") from None
+        raise InvalidImage(f"corrupt image data ({type(exc).__name__}: {message})", "corrupt") from None
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _high_depth_gray(im: Image.Image) -> np.ndarray:
+    """(H, W) float32 in [0, 1] from a 16-bit, 32-bit integer or float grayscale image."""
+    a = np.asarray(im)
+    if im.mode in _SIXTEEN_BIT_MODES:
+        return a.astype(np.float32) / 65535.0
+    a = a.astype(np.float64)
+    if not np.all(np.isfinite(a)):
+        raise InvalidImage("image holds non-finite pixel values (NaN or infinity)", "corrupt")
+    lo, hi = float(a.min()), float(a.max())
+    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        return a.astype(np.float32)
+    if lo >= 0.0 and hi <= 65535.0:
+        # 16-bit samples widened to 32-bit ("I" from 16-bit PGM/PNG/TIFF) or float in 0..65535
+        scale = 255.0 if hi <= 255.0 else 65535.0
+        return (a / scale).astype(np.float32)
+    if hi == lo:
+        return np.zeros(a.shape, np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
+
+
+def _resize_float(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) float32 -> (size[1], size[0]) float32 with the same filter, clipped to [0, 1]."""
+    out = Image.fromarray(plane.astype(np.float32), mode="F").resize(size, RESAMPLE)
+    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB image; transparent pixels are composited on white."""
+    has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    if has_alpha:
+        try:
+            rgba = im.convert("RGBA")
+        except (ValueError, OSError) as exc:
+            raise InvalidImage(f"unsupported colour mode {im.mode} ({exc})", "unsupported_mode") from None
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode == "RGB":
+        return im
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise InvalidImage(f"unsupported colour mode {im.mode} ({exc})", "unsupported_mode") from None
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    min_side: int,
+    formats: Sequence[str],
+    size: tuple[int, int] = (32, 32),
+) -> np.ndarray:
+    """Decode untrusted image bytes into a model input.
+
+    Returns a C-contiguous ``(3, size[1], size[0])`` float32 array in [0, 1] (RGB, channels
+    first; ``size`` is Pillow's ``(width, height)``). Raises :class:`InvalidImage` with a reason
+    for anything else; never another exception for bad input.
+
+    Policy: the header's size is checked against ``max_pixels`` and ``min_side`` before any pixel
+    is decoded (a 20000x20000 header never allocates); Pillow's own bomb guard is set to
+    ``max_pixels`` with its warning raised as an error. Only ``formats`` are tried (content
+    decides, not the file name). Animated images (GIF, APNG, WEBP, multi-page TIFF) are accepted
+    and their **first frame** is used. The EXIF orientation is applied. Alpha (RGBA, LA, P with
+    transparency) is composited on white; CMYK and other modes are converted to RGB; 16-bit
+    samples are scaled by 1/65535 (not clipped). The image is then resized, without keeping the
+    aspect ratio, to ``size`` with a Lanczos filter.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidImage(f"image data must be bytes, not {type(data).__name__}", "not_an_image")
+    if len(data) == 0:
+        raise InvalidImage("empty image: zero bytes received", "empty")
+    if len(data) > max_bytes:
+        raise InvalidImage(
+            f"image too large: {_human_bytes(len(data))} exceeds the limit of {_human_bytes(max_bytes)}",
+            "too_many_bytes")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed Pillow globally; truncation must stay an error
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    fmts = _normalise_formats(formats)
+    im = _open(bytes(data), fmts, max_pixels)
+    try:
+        _check_geometry(im.size, max_pixels=max_pixels, min_side=min_side)
+        if im.format == "JPEG":  # let libjpeg decode at a reduced scale when the target is small
+            side = 2 * max(size)
+            im.draft(None, (side, side))
+        _load(im)
+        _check_geometry(im.size, max_pixels=max_pixels, min_side=min_side)  # ICO/TIFF may change size
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001 - broken EXIF: keep the pixels as stored
+            pass
+        if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("I", "F"):
+            plane = _resize_float(_high_depth_gray(im), size)
+            chw = np.repeat(plane[None, :, :], 3, axis=0)
+        else:
+            try:
+                rgb = _to_rgb8(im).resize(size, RESAMPLE, reducing_gap=3.0)
+            except InvalidImage:
+                raise
+            except Exception as exc:  # noqa: BLE001 - lazy decoders may fail only now
+                raise InvalidImage(f"corrupt image data ({type(exc).__name__}: {exc})", "corrupt") from None
+            chw = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    finally:
+        im.close()
+    return np.ascontiguousarray(chw, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- image references
+
+_BASE64_RE = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
+
+
+def _decode_base64(text: Any, max_bytes: int | None) -> bytes:
+    if not isinstance(text, str):
+        raise InvalidImage("bad image reference: 'inline' must be a base64 string", "bad_reference")
+    raw = "".join(text.split()).encode("ascii", errors="replace")  # tolerate line breaks
+    if max_bytes is not None and len(raw) > 4 * ((max_bytes + 2) // 3) + 4:
+        raise InvalidImage(
+            f"image too large: inline base64 of {_human_bytes(len(raw))} exceeds the limit of "
+            f"{_human_bytes(max_bytes)} decoded", "too_many_bytes")
+    if len(raw) % 4 or not _BASE64_RE.match(raw):
+        raise InvalidImage("bad image reference: 'inline' is not valid base64", "bad_reference")
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage("bad image reference: 'inline' is not valid base64", "bad_reference") from None
+
+
+def _read_path(path_text: Any, allowed_roots: Sequence[Path | str] | None, max_bytes: int | None) -> bytes:
+    if not isinstance(path_text, str) or not path_text:
+        raise InvalidImage("bad image reference: 'path' must be a non-empty string", "bad_reference")
+    if "\x00" in path_text:
+        raise InvalidImage("bad image reference: 'path' contains a NUL byte", "bad_reference")
+    path = Path(path_text)
+    try:
+        resolved = path.resolve(strict=True)  # follows symlinks, so a link cannot escape the roots
+    except FileNotFoundError:
+        raise InvalidImage(f"image path not found: {path_text}", "bad_reference") from None
+    except (OSError, RuntimeError) as exc:
+        raise InvalidImage(f"image path unreadable: {path_text} ({exc})", "bad_reference") from None
+    if allowed_roots is not None:
+        roots = [Path(r).resolve() for r in allowed_roots]
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise InvalidImage(
+                f"image path outside the allowed directories: {path_text}", "bad_reference")
+    if not resolved.is_file():
+        raise InvalidImage(f"image path is not a regular file: {path_text}", "bad_reference")
+    try:
+        size = resolved.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise InvalidImage(
+                f"image too large: {_human_bytes(size)} exceeds the limit of {_human_bytes(max_bytes)}",
+                "too_many_bytes")
+        with open(resolved, "rb") as fh:
+            return fh.read(max_bytes + 1 if max_bytes is not None else -1)
+    except PermissionError:
+        raise InvalidImage(f"image path unreadable (permission denied): {path_text}", "bad_reference") from None
+
+
+def resolve_image_ref(
+    ref: dict,
+    redis_client: Any = None,
+    *,
+    allowed_roots: Sequence[Path | str] | None = None,
+    max_bytes: int | None = None,
+) -> bytes:
+    """The image bytes an ``ImageRef`` (docs/CONTRACTS.md) points to.
+
+    ``ref`` is exactly one of ``{"inline": base64}``, ``{"redis_key": "umcd:img:<id>"}`` (read
+    with ``redis_client``) or ``{"path": "/abs/file"}`` (inside one of ``allowed_roots`` when
+    given). A bad reference raises :class:`InvalidImage` (code ``bad_reference``, or
+    ``too_many_bytes`` beyond ``max_bytes``); Redis connection errors propagate unchanged, since
+    they are the fleet's fault and the task should be retried, not judged.
+    """
+    if not isinstance(ref, dict):
+        raise InvalidImage(f"bad image reference: expected an object, got {type(ref).__name__}", "bad_reference")
+    kinds = [k for k in ("inline", "redis_key", "path") if k in ref]
+    if len(kinds) != 1:
+        raise InvalidImage(
+            "bad image reference: need exactly one of 'inline', 'redis_key', 'path' "
+            f"(got keys {sorted(map(str, ref))})", "bad_reference")
+    kind = kinds[0]
+    value = ref[kind]
+    if kind == "inline":
+        return _decode_base64(value, max_bytes)
+    if kind == "path":
+        return _read_path(value, allowed_roots, max_bytes)
+    if not isinstance(value, str) or not value.startswith(REDIS_KEY_PREFIX) or len(value) > 128:
+        raise InvalidImage(
+            f"bad image reference: 'redis_key' must be a string starting with {REDIS_KEY_PREFIX!r}",
+            "bad_reference")
+    if redis_client is None:
+        raise InvalidImage("bad image reference: 'redis_key' given but no Redis client is configured",
+                           "bad_reference")
+    data = redis_client.get(value)
+    if data is None:
+        raise InvalidImage(f"image {value} is missing from Redis (expired or never stored)", "bad_reference")
+    if isinstance(data, str):  # a client created with decode_responses=True
+        raise InvalidImage(f"image {value} was read as text: use a Redis client without decode_responses",
+                           "bad_reference")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidImage(
+            f"image too large: {_human_bytes(len(data))} exceeds the limit of {_human_bytes(max_bytes)}",
+            "too_many_bytes")
+    return bytes(data)
