@@ -1,0 +1,1 @@
+"""The audit store: SQLAlchemy models, engines and sessions, Alembic migrations, repository functions."""
