@@ -1,0 +1,1 @@
+"""The science of UMCD: datasets, CSQ models, hash centres, training, index, criteria, calibration, detection."""

@@ -1,0 +1,244 @@
+"""The batched UMCD detector: embed x and t(x) in one batch, search top-k, compute criteria, decide.
+
+`Detector.score_batch(images)` needs no broker and no database: a model, a HammingIndex, a
+Calibration and a transform are all it holds. Detector variants (the paper's rule, ablations and
+extensions) are specs in the DETECTORS registry: which criteria, over which transforms.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from core.calibration import Calibration
+from core.criteria import c1_mean_hamming, c2_quantization, c3_disagreement
+from core.index import HammingIndex, pack_codes
+from core.models import sign_codes
+from core.registry import Registry
+from core.transforms import get_transform
+
+
+@dataclass
+class ScoreContext:
+    """What a criterion may look at for a batch of n images.
+
+    images (n, 3, H, W) in [0, 1]; f (n, K) continuous outputs; f_t: one (n, K) per transform;
+    codes (n, K) ±1; ids/distances (n, k) top-k neighbours (-1 / K+1 where missing).
+    """
+
+    images: torch.Tensor
+    f: torch.Tensor
+    f_t: list[torch.Tensor]
+    codes: torch.Tensor
+    ids: np.ndarray
+    distances: np.ndarray
+    bits: int
+    model: torch.nn.Module
+    index: HammingIndex
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    direction: str  # "high" or "low": which side is suspicious
+    fn: Callable[[ScoreContext], np.ndarray]
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def register_criterion(name: str, direction: str):
+    def deco(fn):
+        CRITERIA.register(name)(lambda: Criterion(name, direction, fn))
+        return fn
+
+    return deco
+
+
+@register_criterion("c1", "high")
+def _c1(ctx: ScoreContext) -> np.ndarray:
+    return c1_mean_hamming(ctx.distances, ctx.bits)
+
+
+@register_criterion("c2", "low")
+def _c2(ctx: ScoreContext) -> np.ndarray:
+    return c2_quantization(ctx.f).cpu().numpy().astype(np.float64)
+
+
+@register_criterion("c3", "high")
+def _c3(ctx: ScoreContext) -> np.ndarray:
+    return c3_disagreement(ctx.f, ctx.f_t[0]).cpu().numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A detector variant: criteria names and the transforms whose outputs they read."""
+
+    name: str
+    criteria: tuple[str, ...]
+    transforms: tuple[str, ...] = ("meanblur3",)
+    description: str = ""
+
+
+DETECTORS: Registry[DetectorSpec] = Registry("detector")
+
+
+def register_detector(spec: DetectorSpec) -> DetectorSpec:
+    DETECTORS.register(spec.name)(lambda: spec)
+    return spec
+
+
+register_detector(DetectorSpec("umcd", ("c1", "c2", "c3"), description="the paper's rule: C1, C2 and C3"))
+register_detector(DetectorSpec("umcd-c3", ("c3",), description="ablation: C3 alone"))
+register_detector(DetectorSpec("umcd-c1c3", ("c1", "c3"), description="ablation: C1 + C3"))
+register_detector(DetectorSpec("umcd-c2c3", ("c2", "c3"), description="ablation: C2 + C3"))
+
+
+@dataclass
+class DetectionBatch:
+    """Per-image results of one batch (n images)."""
+
+    codes: np.ndarray  # (n, K) int8 ±1
+    f: np.ndarray  # (n, K) float32
+    ids: np.ndarray  # (n, k) int64
+    distances: np.ndarray  # (n, k) int32
+    scores: dict[str, np.ndarray]  # name -> (n,)
+    combined: np.ndarray  # (n,)
+    fired: np.ndarray  # (n, m) bool, columns in `names` order
+    names: list[str]
+    thresholds: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds for the whole batch
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @property
+    def adversarial(self) -> np.ndarray:
+        return self.fired.any(1)
+
+    @property
+    def verdicts(self) -> list[str]:
+        return ["adversarial" if a else "benign" for a in self.adversarial]
+
+    def record(self, i: int) -> dict:
+        """JSON-ready result of image i."""
+        valid = self.ids[i] >= 0
+        return {
+            "verdict": self.verdicts[i],
+            "fired": [n for n, f in zip(self.names, self.fired[i]) if f],
+            "scores": {**{k: float(v[i]) for k, v in self.scores.items()}, "combined": float(self.combined[i])},
+            "thresholds": dict(self.thresholds),
+            "topk": {"ids": self.ids[i][valid].tolist(), "distances": self.distances[i][valid].tolist()},
+            "code": pack_codes(self.codes[i : i + 1])[0].tobytes().hex(),
+        }
+
+    def records(self) -> list[dict]:
+        return [self.record(i) for i in range(len(self))]
+
+
+class Detector:
+    """UMCD detection over a model, a Hamming index and a calibration.
+
+    images: (n, 3, H, W) float in [0, 1]. x and every t(x) go through the model as one batch.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        index: HammingIndex,
+        calibration: Calibration | None = None,
+        transform: str | None = None,
+        *,
+        detector: str = "umcd",
+        top_k: int = 10,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.index = index
+        self.calibration = calibration
+        spec = DETECTORS.create(detector)
+        if transform is not None and spec.transforms[:1] != (transform,):
+            spec = DetectorSpec(spec.name, spec.criteria, (transform, *spec.transforms[1:]), spec.description)
+        self.spec = spec
+        self.criteria = [CRITERIA.create(c) for c in spec.criteria]
+        self.transforms = [get_transform(t) for t in spec.transforms]
+        self.top_k = top_k
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.bits = index.bits
+
+    @property
+    def directions(self) -> dict[str, str]:
+        return {c.name: c.direction for c in self.criteria}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(f(x) (n, K), [f(t(x)) (n, K) per transform]) from a single forward pass over the stacked batch."""
+        x = images.to(self.device, torch.float32)
+        batch = torch.cat([x] + [t(x) for t in self.transforms])
+        out = self.model(batch)
+        n = len(x)
+        return out[:n], [out[n * (j + 1) : n * (j + 2)] for j in range(len(self.transforms))]
+
+    @torch.no_grad()
+    def retrieve(self, images: torch.Tensor, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Plain retrieval (no detection): (codes (n, K), ids (n, k), distances (n, k))."""
+        f = self.model(images.to(self.device, torch.float32))
+        codes = sign_codes(f).cpu()
+        ids, d = self.index.search(codes, k or self.top_k)
+        return codes.numpy().astype(np.int8), ids, d
+
+    def context(self, images: torch.Tensor) -> tuple[ScoreContext, dict[str, float]]:
+        t0 = time.perf_counter()
+        f, f_t = self.embed(images)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        codes = sign_codes(f)
+        ids, dists = self.index.search(codes.cpu(), self.top_k)
+        t2 = time.perf_counter()
+        ctx = ScoreContext(images, f, f_t, codes, ids, dists, self.bits, self.model, self.index)
+        return ctx, {"model": t1 - t0, "search": t2 - t1}
+
+    def raw_scores(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """name -> (n,) criterion values, uncalibrated (for calibration and ROC curves)."""
+        ctx, _ = self.context(images)
+        return {c.name: np.asarray(c.fn(ctx), dtype=np.float64) for c in self.criteria}
+
+    def score_batch(self, images: torch.Tensor) -> DetectionBatch:
+        """Scores, fired criteria and verdicts for a batch; needs a calibration."""
+        if self.calibration is None:
+            raise RuntimeError("score_batch needs a calibration: run calibrate() first")
+        ctx, timings = self.context(images)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            scores = {c.name: np.asarray(c.fn(ctx), dtype=np.float64) for c in self.criteria}
+        cal = self.calibration
+        missing = [n for n in cal.names if n not in scores]
+        if missing:
+            raise ValueError(f"calibration needs criteria {missing} that detector {self.spec.name!r} does not compute")
+        sub = {n: scores[n] for n in cal.names}
+        timings["criteria"] = time.perf_counter() - t2
+        return DetectionBatch(
+            codes=ctx.codes.cpu().numpy().astype(np.int8),
+            f=ctx.f.cpu().numpy().astype(np.float32),
+            ids=ctx.ids,
+            distances=ctx.distances,
+            scores=scores,
+            combined=cal.combined_score(sub),
+            fired=cal.fired(sub),
+            names=list(cal.names),
+            thresholds=dict(cal.thresholds),
+            timings=timings,
+        )
+
+    def calibrate(self, benign: torch.Tensor, target_fpr: float = 0.05, batch_size: int = 256, **meta) -> Calibration:
+        """Fits thresholds on benign images (n, 3, H, W) only, sets and returns the calibration."""
+        parts = [self.raw_scores(benign[i : i + batch_size]) for i in range(0, len(benign), batch_size)]
+        scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        meta = {"detector": self.spec.name, "transforms": list(self.spec.transforms), "top_k": self.top_k, **meta}
+        self.calibration = Calibration.fit(scores, self.directions, target_fpr, **meta)
+        return self.calibration

@@ -1,0 +1,102 @@
+"""Denoising transforms t(.) as batched tensor ops on (n, 3, H, W) images in [0, 1]."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from core.registry import Registry
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+TRANSFORMS: Registry[Transform] = Registry("transform")
+
+
+def mean_blur(x: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """size x size box filter with reflect padding (differentiable)."""
+    p = size // 2
+    return F.avg_pool2d(F.pad(x, (p, p, p, p), mode="reflect"), size, stride=1)
+
+
+def median_filter(x: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """size x size median (even sizes pad one more on the bottom/right, as in feature squeezing)."""
+    lo, hi = (size - 1) // 2, size // 2
+    xp = F.pad(x, (lo, hi, lo, hi), mode="reflect")
+    n, c, h, w = x.shape
+    patches = xp.unfold(2, size, 1).unfold(3, size, 1)  # (n, c, h, w, size, size)
+    return patches.reshape(n, c, h, w, size * size).median(dim=-1).values
+
+
+def bit_depth(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Colour bit-depth reduction to `bits` bits per channel."""
+    levels = 2**bits - 1
+    return torch.round(x * levels) / levels
+
+
+def non_local_means(x: torch.Tensor, search: int = 13, patch: int = 3, h: float = 2.0) -> torch.Tensor:
+    """Non-local means (search window, patch size, filter strength h in 1/255 units), batched.
+
+    Feature squeezing's 13-3-2 setting is search=13, patch=3, h=2. Weights are
+    exp(-max(d2 - 2 sigma^2, 0) / h^2) with patch mean squared differences d2 in [0, 255] units.
+    """
+    n, c, hh, ww = x.shape
+    r = search // 2
+    xp = F.pad(x, (r, r, r, r), mode="reflect")
+    num = torch.zeros_like(x)
+    den = torch.zeros(n, 1, hh, ww, dtype=x.dtype, device=x.device)
+    hp = (h / 255.0) ** 2 * c
+    for dy in range(search):
+        for dx in range(search):
+            shifted = xp[:, :, dy : dy + hh, dx : dx + ww]
+            d2 = ((x - shifted) ** 2).sum(1, keepdim=True)
+            d2 = F.avg_pool2d(F.pad(d2, (patch // 2,) * 4, mode="reflect"), patch, stride=1)
+            wgt = torch.exp(-d2 / max(hp, 1e-12))
+            num += wgt * shifted
+            den += wgt
+    return num / den
+
+
+@TRANSFORMS.register("meanblur3")
+def _meanblur3() -> Transform:
+    return lambda x: mean_blur(x, 3)
+
+
+@TRANSFORMS.register("meanblur5")
+def _meanblur5() -> Transform:
+    return lambda x: mean_blur(x, 5)
+
+
+@TRANSFORMS.register("median2")
+def _median2() -> Transform:
+    return lambda x: median_filter(x, 2)
+
+
+@TRANSFORMS.register("median3")
+def _median3() -> Transform:
+    return lambda x: median_filter(x, 3)
+
+
+@TRANSFORMS.register("nlm")
+def _nlm() -> Transform:
+    return lambda x: non_local_means(x, 13, 3, 2.0)
+
+
+@TRANSFORMS.register("bitdepth4")
+def _bitdepth4() -> Transform:
+    return lambda x: bit_depth(x, 4)
+
+
+@TRANSFORMS.register("bitdepth5")
+def _bitdepth5() -> Transform:
+    return lambda x: bit_depth(x, 5)
+
+
+@TRANSFORMS.register("identity")
+def _identity() -> Transform:
+    return lambda x: x
+
+
+def get_transform(name: str = "meanblur3") -> Transform:
+    """A registered transform by name (see TRANSFORMS.names())."""
+    return TRANSFORMS.create(name)
