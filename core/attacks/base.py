@@ -203,7 +203,10 @@ class Attack(ABC):
                     break
                 t = None if t_all is None else t_all[start : start + chunk]
                 with torch.no_grad():
-                    codes0 = sign_codes(model(x))
+                    out = model(x)
+                if out.dim() != 2 or out.shape[0] != x.shape[0]:
+                    raise ValueError(f"model must map (n, 3, H, W) to (n, K), got {tuple(out.shape)}")
+                codes0 = sign_codes(out)
                 with torch.enable_grad():
                     adv = self._perturb(
                         model, x, source_codes=codes0, targets=t, eps=eps_px, generator=generator

@@ -1,53 +1,40 @@
-"""Transforms as an adaptive attacker sees them: the default mean blur and BPDA (straight-through) wrapping."""
+"""Transforms as an adaptive attacker sees them: the detector's t(·) and BPDA (straight-through) wrapping."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from core.transforms import get_transform, mean_blur
 
 Transform = Callable[[Tensor], Tensor]
 
-DEFAULT_TRANSFORM = "mean_blur"
+DEFAULT_TRANSFORM = "meanblur3"  # the detector's default t(·): 3x3 mean blur, reflect padding
 
-
-def mean_blur(x: Tensor, kernel_size: int = 3) -> Tensor:
-    """k x k mean blur with reflect padding (OpenCV's default border); differentiable.
-
-    x: (n, C, H, W) -> (n, C, H, W), same dtype and device.
-    """
-    if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError("kernel_size must be an odd positive integer")
-    p = kernel_size // 2
-    if p == 0:
-        return x
-    return F.avg_pool2d(F.pad(x, (p, p, p, p), mode="reflect"), kernel_size, stride=1)
+__all__ = [
+    "DEFAULT_TRANSFORM",
+    "Transform",
+    "attacker_view",
+    "has_useful_gradient",
+    "mean_blur",
+    "resolve_transform",
+    "straight_through",
+    "transform_name",
+]
 
 
 def resolve_transform(transform: str | Transform | None) -> Transform:
     """The transform t(·) as a callable on (n, 3, H, W) tensors.
 
-    None means the detector's default (``mean_blur``). A name is looked up in
-    ``core.transforms.get_transform`` when that module exists, else among this module's own
-    (``mean_blur``/``mean_blur3``). A callable is returned unchanged.
+    None means the detector's default (``meanblur3``); a name is looked up in the detector's
+    registry (``core.transforms.get_transform``: meanblur3, median3, bitdepth4, nlm, ...);
+    a callable is returned unchanged.
     """
     if callable(transform):
         return transform
-    name = DEFAULT_TRANSFORM if transform is None else str(transform)
-    try:
-        from core.transforms import get_transform  # the detector's own transforms, when present
-    except ImportError:
-        get_transform = None
-    if get_transform is not None:
-        try:
-            return get_transform(name)
-        except (KeyError, ValueError):
-            pass
-    if name in ("mean_blur", "mean_blur3", "meanblur"):
-        return mean_blur
-    raise KeyError(f"unknown transform {name!r}")
+    return get_transform(DEFAULT_TRANSFORM if transform is None else str(transform))
 
 
 def transform_name(transform: str | Transform | None) -> str:
