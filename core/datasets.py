@@ -94,7 +94,7 @@ def _load_path(path: str, size: int) -> torch.Tensor:
 
     with Image.open(path) as im:
         im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.array(im, dtype=np.uint8)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 

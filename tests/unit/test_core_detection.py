@@ -1,0 +1,168 @@
+"""Detection core: index, criteria, calibration and the batched Detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.calibration import Calibration
+from core.criteria import c1_mean_hamming, c2_quantization, c3_disagreement
+from core.detector import DETECTORS, Detector
+from core.index import HammingIndex, hamming_distances, pack_codes, unpack_codes
+from core.pipeline import build_index, calibrate_detector
+from core.transforms import TRANSFORMS, get_transform
+
+
+def test_index_agrees_with_brute_force_hamming_search():
+    rng = np.random.default_rng(0)
+    db = rng.choice([-1.0, 1.0], (2000, 64))
+    q = rng.choice([-1.0, 1.0], (50, 64))
+    ids = rng.permutation(10_000)[:2000].astype(np.int64)
+    index = HammingIndex(64)
+    index.add(db, ids)
+    got_ids, got_d = index.search(q, 15)
+    bf = hamming_distances(q, db)
+    order = np.lexsort((np.broadcast_to(ids, bf.shape), bf), axis=-1)[:, :15]
+    assert np.array_equal(got_d, np.take_along_axis(bf, order, 1))
+    # returned ids carry exactly the distances the brute force gives them
+    pos = {int(v): j for j, v in enumerate(ids)}
+    for r in range(len(q)):
+        assert [bf[r, pos[int(i)]] for i in got_ids[r]] == got_d[r].tolist()
+
+
+def test_index_remove_save_load_and_padding(tmp_path):
+    codes = np.array([[1, 1, 1, 1, 1, 1, 1, 1], [-1, 1, 1, 1, 1, 1, 1, 1], [-1, -1, -1, -1, -1, -1, -1, -1]])
+    index = HammingIndex(8)
+    index.add(codes, [10, 11, 12])
+    assert index.remove([11, 99]) == 1
+    ids, d = index.search(codes[:1], 4)
+    assert ids[0].tolist() == [10, 12, -1, -1] and d[0].tolist() == [0, 8, 9, 9]
+    index.save(tmp_path / "i.faiss")
+    again = HammingIndex.load(tmp_path / "i.faiss")
+    assert sorted(again.ids().tolist()) == [10, 12]
+    assert np.array_equal(again.search(codes, 2)[1], index.search(codes, 2)[1])
+    assert np.array_equal(unpack_codes(pack_codes(codes), 8), codes)
+
+
+def test_index_is_safe_under_concurrent_add_and_search():
+    import threading
+
+    rng = np.random.default_rng(1)
+    index = HammingIndex(32)
+    errors = []
+
+    def adder(base):
+        try:
+            for i in range(50):
+                index.add(rng.choice([-1.0, 1.0], (4, 32)), np.arange(4) + base + 4 * i)
+        except Exception as exc:  # pragma: no cover - failure path
+            errors.append(exc)
+
+    def searcher():
+        try:
+            for _ in range(100):
+                ids, d = index.search(rng.choice([-1.0, 1.0], (3, 32)), 5)
+                assert ids.shape == (3, 5)
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=adder, args=(b,)) for b in (0, 10_000)] + [
+        threading.Thread(target=searcher) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(index) == 400
+
+
+def test_c1_is_zero_when_the_code_equals_its_neighbours():
+    assert c1_mean_hamming(np.zeros((3, 5), np.int32), 64).tolist() == [0, 0, 0]
+    d = np.array([[0, 2, 4, 65, 65]])  # 65 > K marks missing neighbours
+    assert c1_mean_hamming(d, 64).tolist() == [2.0]
+    assert c1_mean_hamming(np.full((1, 3), 65), 64).tolist() == [32.0]
+
+
+def test_c2_is_zero_when_outputs_are_binary_and_grows_towards_zero_outputs():
+    h = torch.tensor([[1.0, -1, 1, -1]])
+    assert c2_quantization(h).item() == 0
+    assert c2_quantization(torch.tensor([[0.5, -0.5, 0.9, -0.1]])).item() == pytest.approx(0.5 + 0.5 + 0.1 + 0.9)
+
+
+def test_c3_is_zero_with_the_identity_transform_on_binary_outputs_and_k_for_opposite():
+    f = torch.tensor([[1.0, -1, 1, -1, 1, 1, -1, -1]])
+    ident = get_transform("identity")
+    assert c3_disagreement(f, ident(f)).item() == 0
+    assert c3_disagreement(f, -f).item() == 8
+    assert c3_disagreement(f, torch.zeros_like(f)).item() == 4
+
+
+def test_transforms_keep_shape_and_range():
+    x = torch.rand(2, 3, 16, 16)
+    for name in TRANSFORMS.names():
+        y = get_transform(name)(x)
+        assert y.shape == x.shape, name
+        assert y.min() >= -1e-6 and y.max() <= 1 + 1e-6, name
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    for name in TRANSFORMS.names():
+        assert torch.allclose(get_transform(name)(flat), flat, atol=0.04), name
+
+
+def test_joint_calibration_hits_the_target_for_the_combined_rule_not_per_criterion():
+    rng = np.random.default_rng(0)
+    n = 1000
+    scores = {"a": rng.normal(size=n), "b": rng.normal(size=n), "c": rng.normal(size=n)}
+    cal = Calibration.fit(scores, {"a": "high", "b": "low", "c": "high"}, 0.05)
+    assert cal.calibration_fpr == pytest.approx(0.05, abs=1 / n)
+    per_criterion = cal.fired(scores).mean(0)
+    assert np.all(per_criterion < 0.05)  # each criterion alone is stricter than the target
+    # the combined score reproduces the any-fires rule exactly
+    assert np.array_equal(cal.combined_score(scores) > cal.combined_threshold, cal.reject(scores))
+
+
+def test_calibration_saved_and_reloaded_gives_the_same_verdicts(tmp_path):
+    rng = np.random.default_rng(2)
+    scores = {"c1": rng.integers(0, 10, 300).astype(float), "c2": rng.random(300), "c3": rng.random(300) * 5}
+    cal = Calibration.fit(scores, {"c1": "high", "c2": "low", "c3": "high"}, 0.1, checkpoint_sha256="ab" * 32)
+    new = {k: rng.permutation(v) * 1.1 for k, v in scores.items()}
+    again = Calibration.load(cal.save(tmp_path / "cal.json"))
+    assert np.array_equal(again.fired(new), cal.fired(new))
+    assert np.array_equal(again.combined_score(new), cal.combined_score(new))
+    assert again.meta["checkpoint_sha256"] == "ab" * 32 and again.n_samples == 300 and again.target_fpr == 0.1
+
+
+def test_detector_batched_results_equal_one_by_one(tiny_model, digits_splits):
+    index = build_index(tiny_model, digits_splits.database.subset(np.arange(100)))
+    det = Detector(tiny_model, index, top_k=5)
+    det.calibrate(digits_splits.query.get(np.arange(60)), 0.1)
+    x = digits_splits.query.get(np.arange(60, 76))
+    batch = det.score_batch(x)
+    singles = [det.score_batch(x[i : i + 1]) for i in range(len(x))]
+    assert batch.verdicts == [s.verdicts[0] for s in singles]
+    for k in ("c1", "c2", "c3"):
+        assert np.allclose(batch.scores[k], [s.scores[k][0] for s in singles], atol=1e-4)
+    assert np.array_equal(batch.codes, np.concatenate([s.codes for s in singles]))
+    assert np.array_equal(batch.distances, np.concatenate([s.distances for s in singles]))
+    rec = batch.record(0)
+    assert set(rec) >= {"verdict", "fired", "scores", "thresholds", "topk", "code"}
+
+
+def test_every_registered_detector_variant_scores_and_calibrates(tiny_model, digits_splits):
+    index = build_index(tiny_model, digits_splits.database.subset(np.arange(50)))
+    x = digits_splits.query.get(np.arange(40))
+    for name in DETECTORS.names():
+        det = Detector(tiny_model, index, detector=name, top_k=3)
+        cal = det.calibrate(x, 0.1)
+        assert cal.calibration_fpr <= 0.1
+        out = det.score_batch(x[:5])
+        assert out.fired.shape == (5, len(det.spec.criteria))
+
+
+def test_heldout_benign_fpr_on_digits_is_near_the_target(trained_digits, digits_splits):
+    model, _ = trained_digits
+    det = Detector(model, build_index(model, digits_splits.database), top_k=10)
+    rep = calibrate_detector(det, digits_splits, target_fpr=0.05, seed=0)
+    assert rep.n_calibration == 500 and rep.n_heldout == 500
+    assert 0.03 <= rep.heldout_fpr <= 0.07
