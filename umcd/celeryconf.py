@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from celery.backends.redis import RedisBackend
+
 from umcd.settings import Settings, get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,6 +82,9 @@ def celery_config(settings: Settings, broker: str, backend: str) -> dict:
         "broker_connection_retry": True,
         "broker_connection_max_retries": None,
         "result_expires": RESULT_EXPIRES_S,
+        "redis_socket_timeout": 30.0,
+        "redis_socket_connect_timeout": 5.0,
+        "redis_retry_on_timeout": True,
         "result_extended": True,
         "task_track_started": True,
         # events for Flower
@@ -89,6 +94,19 @@ def celery_config(settings: Settings, broker: str, backend: str) -> dict:
         "timezone": "UTC",
         "worker_hijack_root_logger": False,
     }
+
+
+class FleetRedisBackend(RedisBackend):
+    """Celery's Redis result backend, minus the pub/sub subscription a producer makes per message.
+
+    Stock Celery subscribes to every sent task's result channel before publishing (one extra
+    round trip per message) and, with Redis down, retries that for 20 s and then leaves the
+    app's result consumer dead until restart. Our producers poll results by id (``MGET``), so
+    they skip it; ``AsyncResult.get()`` still works (it subscribes when called).
+    """
+
+    def on_task_call(self, producer, task_id):  # noqa: D102 - see the class docstring
+        return None
 
 
 def make_celery(settings: Settings | None = None, *, name: str = "umcd") -> celery.Celery:
@@ -103,4 +121,41 @@ def make_celery(settings: Settings | None = None, *, name: str = "umcd") -> cele
     broker, backend = broker_urls(settings)
     app = celery.Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings, broker, backend))
+    # redis:// rediss:// redis+socket:// result backends use FleetRedisBackend (per app, not global)
+    app.loader.override_backends = {"redis": f"{__name__}:FleetRedisBackend",
+                                    "rediss": f"{__name__}:FleetRedisBackend"}
     return app
+
+
+def redis_from_url(url: str, *, retries: int = 5, socket_timeout_s: float = 10.0):
+    """A redis-py client for a broker/backend URL, with retries and exponential back-off.
+
+    Understands ``redis://``, ``rediss://``, ``unix://`` and kombu's ``redis+socket:///path``
+    (the embedded broker); with several ``;``-separated broker URLs, the first is used.
+    Producers store large images here and workers read them back (``umcd:img:<request_id>``).
+    """
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    url = url.split(";", 1)[0].strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a URL: {url!r}")
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries)
+    common = {
+        "retry": retry,
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "socket_timeout": socket_timeout_s,
+    }
+    if scheme in ("redis+socket", "socket"):
+        path, _, query = rest.partition("?")
+        db = 0
+        for item in query.split("&"):
+            key, _, value = item.partition("=")
+            if key in ("virtual_host", "db") and value.isdigit():
+                db = int(value)
+        return redis.Redis(unix_socket_path=path, db=db, **common)
+    if scheme in ("redis", "rediss", "unix"):
+        return redis.Redis.from_url(url, socket_connect_timeout=socket_timeout_s, **common)
+    raise ValueError(f"the broker {scheme}:// is not Redis: large images need a Redis broker")

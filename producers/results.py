@@ -1,0 +1,87 @@
+"""The producer-side view of a detection Result (docs/CONTRACTS.md) and request-id rules."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: a client-supplied request id: 1 to 64 characters of ``[A-Za-z0-9._:-]``
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+
+#: verdicts a worker gives, plus ``error`` for a task that failed without a verdict
+VERDICTS = ("benign", "adversarial", "invalid_input", "error")
+
+
+def new_request_id() -> str:
+    """A fresh request id (uuid4 hex, 32 characters)."""
+    return uuid.uuid4().hex
+
+
+def validate_request_id(request_id: Any) -> str:
+    """``request_id`` unchanged when valid; ``ValueError`` with the rule otherwise."""
+    if not isinstance(request_id, str) or not _REQUEST_ID_RE.fullmatch(request_id):
+        shown = request_id if isinstance(request_id, str) and len(request_id) <= 80 else type(request_id).__name__
+        raise ValueError(
+            f"invalid request id {shown!r}: use 1 to 64 characters of letters, digits and . _ : -")
+    return request_id
+
+
+@dataclass(frozen=True)
+class Result:
+    """One request's outcome as the worker returned it (unknown extra keys are kept in ``raw``).
+
+    ``scores``/``thresholds``: ``{"c1", "c2", "c3"[, "combined"]}`` floats or None;
+    ``latency_ms``: ``{"queue", "model", "search", "total"}`` in milliseconds.
+    """
+
+    request_id: str
+    verdict: str
+    kind: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    fired: list[str] = field(default_factory=list)
+    scores: dict[str, float] | None = None
+    thresholds: dict[str, float] | None = None
+    topk: dict[str, list[int]] | None = None
+    image_id: int | None = None
+    model_version: str | None = None
+    calibration_id: int | None = None
+    detector: str | None = None
+    batch_size: int | None = None
+    latency_ms: dict[str, float] | None = None
+    worker: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_benign(self) -> bool:
+        return self.verdict == "benign"
+
+    @property
+    def is_adversarial(self) -> bool:
+        return self.verdict == "adversarial"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], request_id: str | None = None) -> Result:
+        """A Result from a worker's JSON dict (tolerates missing optional keys)."""
+        if not isinstance(data, dict):
+            return cls.failed(request_id or "?", f"worker returned {type(data).__name__}, not a Result")
+        names = {f for f in cls.__dataclass_fields__ if f != "raw"}
+        values = {k: data[k] for k in names if k in data and data[k] is not None}
+        values.setdefault("request_id", request_id or "?")
+        values.setdefault("verdict", "error")
+        return cls(**values, raw=dict(data))
+
+    @classmethod
+    def failed(cls, request_id: str, error: str) -> Result:
+        """The Result of a task that raised instead of returning a verdict."""
+        return cls(request_id=request_id, verdict="error", reasons=[error])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON dict: the worker's original keys, or the fields for a synthesized Result."""
+        if self.raw:
+            return dict(self.raw)
+        out = asdict(self)
+        out.pop("raw")
+        return out

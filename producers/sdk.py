@@ -1,0 +1,228 @@
+"""The Python SDK: submit query/insert images by task name and wait for their Results."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+from producers.results import Result, new_request_id, validate_request_id
+from umcd.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike]
+
+#: the Redis key prefix of images too large to travel inline (the worker only reads these keys)
+IMAGE_KEY_PREFIX = "umcd:img:"
+#: Celery's publish retry policy when the broker is down: ~10 s of back-off, then BrokerUnavailable
+DEFAULT_RETRY_POLICY = {"max_retries": 8, "interval_start": 0.0, "interval_step": 0.25, "interval_max": 2.0}
+_READY = frozenset({"SUCCESS", "FAILURE", "REVOKED", "REJECTED", "IGNORED"})
+
+
+class ImageTooLarge(ValueError):
+    """The image has more bytes than ``settings.max_image_bytes``."""
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker (or its Redis) could not be reached after the retries."""
+
+
+def read_image(image: ImageInput, max_bytes: int) -> bytes:
+    """The bytes of ``image`` (bytes, or a path read here), refusing more than ``max_bytes``."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        size = path.stat().st_size  # FileNotFoundError names the path
+        if size > max_bytes:
+            raise ImageTooLarge(f"{path}: {size} bytes exceeds the limit of {max_bytes} bytes")
+        data = path.read_bytes()
+    else:
+        raise TypeError(f"image must be bytes or a path, not {type(image).__name__}")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"image of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    return data
+
+
+class Client:
+    """Sends ``umcd.detect`` (queries) and ``umcd.screen`` (insertions) and reads their Results.
+
+    The task id of every message is its request id, so ``wait``/``result`` look Results up by
+    request id. Images up to ``settings.inline_image_limit`` bytes travel inline (base64);
+    larger ones are stored in the broker's Redis under ``umcd:img:<request_id>`` for
+    ``settings.image_ref_ttl_s`` seconds. Sending retries with back-off while the broker is down
+    and raises :class:`BrokerUnavailable` after ``retry_policy`` is exhausted.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, app: Any = None, redis_client: Any = None,
+                 retry_policy: dict[str, float] | None = None) -> None:
+        self.settings = settings or get_settings()
+        if app is None:
+            from umcd.celeryconf import make_celery
+
+            app = make_celery(self.settings, name="umcd-producer")
+        self.app = app
+        self._redis = redis_client
+        self.retry_policy = dict(retry_policy or DEFAULT_RETRY_POLICY)
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def redis(self) -> Any:
+        """The broker's Redis (redis-py), created on first use."""
+        if self._redis is None:
+            from umcd.celeryconf import redis_from_url
+
+            self._redis = redis_from_url(self.app.conf.broker_url,
+                                         retries=int(self.retry_policy.get("max_retries", 8)))
+        return self._redis
+
+    def image_ref(self, request_id: str, data: bytes) -> dict[str, str]:
+        """The ImageRef for ``data``: inline base64, or a Redis key with a TTL for large images."""
+        if len(data) <= self.settings.inline_image_limit:
+            return {"inline": base64.b64encode(data).decode("ascii")}
+        import redis
+
+        key = f"{IMAGE_KEY_PREFIX}{request_id}"
+        try:
+            self.redis.set(key, data, ex=self.settings.image_ref_ttl_s)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"could not store the image in Redis: {exc}") from exc
+        return {"redis_key": key}
+
+    def _request_id(self, request_id: str | None) -> str:
+        return new_request_id() if request_id is None else validate_request_id(request_id)
+
+    def _send(self, task: str, kwargs: dict[str, Any], request_id: str, producer: Any = None) -> None:
+        from kombu.exceptions import OperationalError
+
+        try:
+            self.app.send_task(task, kwargs=kwargs, task_id=request_id, producer=producer,
+                               retry=True, retry_policy=self.retry_policy)
+        except OperationalError as exc:
+            raise BrokerUnavailable(f"could not send {task} {request_id}: {exc}") from exc
+
+    def _submit(self, task: str, image: ImageInput, request_id: str | None, extra: dict[str, Any],
+                producer: Any = None) -> str:
+        rid = self._request_id(request_id)
+        data = read_image(image, self.settings.max_image_bytes)
+        kwargs = {"request_id": rid, "image": self.image_ref(rid, data), "submitted_at": time.time(), **extra}
+        self._send(task, kwargs, rid, producer)
+        return rid
+
+    @staticmethod
+    def _insert_extra(source: str | None, label: int | None, client: str | None) -> dict[str, Any]:
+        if source is not None and (not isinstance(source, str) or len(source) > 256):
+            raise ValueError("source must be a string of at most 256 characters")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+            raise ValueError(f"label must be an integer, not {type(label).__name__}")
+        return {"client": client, "source": source, "label": label}
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit_query(self, image: ImageInput, request_id: str | None = None, client: str | None = None) -> str:
+        """Queue a query image on ``detect``; returns its request id."""
+        return self._submit("umcd.detect", image, request_id, {"client": client})
+
+    def submit_insert(self, image: ImageInput, request_id: str | None = None, source: str | None = None,
+                      label: int | None = None, client: str | None = None) -> str:
+        """Queue an insertion image on ``screen`` (it joins the index if benign); returns its request id."""
+        return self._submit("umcd.screen", image, request_id, self._insert_extra(source, label, client))
+
+    def submit_queries(self, images: Iterable[ImageInput], request_ids: Sequence[str | None] | None = None,
+                       client: str | None = None) -> list[str]:
+        """Queue several query images over one broker connection; returns their request ids in order."""
+        images = list(images)
+        ids = list(request_ids) if request_ids is not None else [None] * len(images)
+        if len(ids) != len(images):
+            raise ValueError(f"{len(images)} images but {len(ids)} request ids")
+        with self.app.producer_or_acquire() as producer:
+            return [self._submit("umcd.detect", img, rid, {"client": client}, producer)
+                    for img, rid in zip(images, ids)]
+
+    def submit_inserts(self, images: Iterable[ImageInput], request_ids: Sequence[str | None] | None = None,
+                       source: str | None = None, label: int | None = None,
+                       client: str | None = None) -> list[str]:
+        """Queue several insertion images over one broker connection; returns their request ids."""
+        images = list(images)
+        ids = list(request_ids) if request_ids is not None else [None] * len(images)
+        if len(ids) != len(images):
+            raise ValueError(f"{len(images)} images but {len(ids)} request ids")
+        extra = self._insert_extra(source, label, client)
+        with self.app.producer_or_acquire() as producer:
+            return [self._submit("umcd.screen", img, rid, extra, producer) for img, rid in zip(images, ids)]
+
+    # ------------------------------------------------------------------ results
+
+    @staticmethod
+    def _from_meta(request_id: str, meta: dict[str, Any]) -> Result:
+        status = meta.get("status")
+        if status == "SUCCESS":
+            return Result.from_dict(meta.get("result"), request_id)
+        error = meta.get("result")
+        if isinstance(error, dict) and "exc_type" in error:
+            message = f"{error.get('exc_type')}: {error.get('exc_message')}"
+        else:
+            message = f"task {status}: {error!r}"
+        return Result.failed(request_id, message)
+
+    def _meta(self, request_id: str) -> dict[str, Any]:
+        import redis
+
+        try:
+            return self.app.backend.get_task_meta(validate_request_id(request_id))
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"result backend unavailable: {exc}") from exc
+
+    def state(self, request_id: str) -> str:
+        """Celery's state for the request: PENDING (also: unknown), STARTED, SUCCESS, FAILURE, ..."""
+        return self._meta(request_id).get("status", "PENDING")
+
+    def result(self, request_id: str) -> Result | None:
+        """The request's Result if it is finished, else None (never blocks)."""
+        meta = self._meta(request_id)
+        if meta.get("status") not in _READY:
+            return None
+        return self._from_meta(request_id, meta)
+
+    def wait(self, request_ids: str | Iterable[str], timeout: float | None = 60.0,
+             interval: float = 0.05) -> dict[str, Result]:
+        """Block until every request is finished or ``timeout`` seconds passed.
+
+        Returns ``{request_id: Result}`` for the finished ones (a request still pending at the
+        timeout is absent; a task that raised gives ``verdict == "error"``).
+        """
+        import redis
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        ids = [request_ids] if isinstance(request_ids, str) else list(dict.fromkeys(request_ids))
+        for rid in ids:
+            validate_request_id(rid)
+        results: dict[str, Result] = {}
+        if not ids:
+            return results
+        try:
+            for rid, meta in self.app.backend.get_many(set(ids), timeout=timeout, interval=interval):
+                results[rid] = self._from_meta(rid, meta)
+        except CeleryTimeout:
+            pass
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"result backend unavailable: {exc}") from exc
+        return results
+
+    def close(self) -> None:
+        """Release broker and Redis connections."""
+        if self._redis is not None:
+            self._redis.close()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
