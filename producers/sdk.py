@@ -6,7 +6,7 @@ import base64
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -135,27 +135,37 @@ class Client:
         return self._submit("umcd.screen", image, request_id, self._insert_extra(source, label, client))
 
     def submit_queries(self, images: Iterable[ImageInput], request_ids: Sequence[str | None] | None = None,
-                       client: str | None = None) -> list[str]:
-        """Queue several query images over one broker connection; returns their request ids in order."""
-        images = list(images)
-        ids = list(request_ids) if request_ids is not None else [None] * len(images)
-        if len(ids) != len(images):
-            raise ValueError(f"{len(images)} images but {len(ids)} request ids")
-        with self.app.producer_or_acquire() as producer:
-            return [self._submit("umcd.detect", img, rid, {"client": client}, producer)
-                    for img, rid in zip(images, ids)]
+                       client: str | None = None,
+                       on_sent: Callable[[int, str], None] | None = None) -> list[str]:
+        """Queue several query images over one broker connection; returns their request ids in order.
+
+        ``on_sent(index, request_id)`` is called after each message (for progress bars).
+        """
+        return self._submit_many("umcd.detect", images, request_ids, {"client": client}, on_sent)
 
     def submit_inserts(self, images: Iterable[ImageInput], request_ids: Sequence[str | None] | None = None,
-                       source: str | None = None, label: int | None = None,
-                       client: str | None = None) -> list[str]:
+                       source: str | None = None, label: int | None = None, client: str | None = None,
+                       on_sent: Callable[[int, str], None] | None = None) -> list[str]:
         """Queue several insertion images over one broker connection; returns their request ids."""
+        extra = self._insert_extra(source, label, client)
+        return self._submit_many("umcd.screen", images, request_ids, extra, on_sent)
+
+    def _submit_many(self, task: str, images: Iterable[ImageInput], request_ids: Sequence[str | None] | None,
+                     extra: dict[str, Any], on_sent: Callable[[int, str], None] | None) -> list[str]:
         images = list(images)
         ids = list(request_ids) if request_ids is not None else [None] * len(images)
         if len(ids) != len(images):
             raise ValueError(f"{len(images)} images but {len(ids)} request ids")
-        extra = self._insert_extra(source, label, client)
+        for rid in ids:  # refuse a bad id before anything is sent
+            if rid is not None:
+                validate_request_id(rid)
+        sent = []
         with self.app.producer_or_acquire() as producer:
-            return [self._submit("umcd.screen", img, rid, extra, producer) for img, rid in zip(images, ids)]
+            for index, (image, rid) in enumerate(zip(images, ids)):
+                sent.append(self._submit(task, image, rid, extra, producer))
+                if on_sent is not None:
+                    on_sent(index, sent[-1])
+        return sent
 
     # ------------------------------------------------------------------ results
 

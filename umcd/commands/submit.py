@@ -1,0 +1,147 @@
+"""`umcd submit query|insert PATH...`: send images to the fleet and show their verdicts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+submit_app = typer.Typer(
+    help="Send images to the fleet's detect (query) or screen (insert) queue and show the verdicts.",
+    no_args_is_help=True,
+)
+
+#: file name suffixes picked up when a directory is given
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ico", ".ppm", ".pgm"}
+_VERDICT_STYLE = {"benign": "green", "adversarial": "bold red", "invalid_input": "yellow", "error": "red"}
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(submit_app, name="submit")
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Files as given, plus the image files directly inside any directory (sorted)."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(path)
+    return out
+
+
+def _progress(console: Any):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: bool,
+         client_name: str | None, source: str | None = None, label: int | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from producers.sdk import BrokerUnavailable, Client, ImageTooLarge
+
+    err = Console(stderr=True)
+    out = Console()
+    files = expand_paths(paths)
+    if not files:
+        err.print("[red]no image files given[/]")
+        raise typer.Exit(2)
+
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    with Client() as client, _progress(err) as progress:
+        task = progress.add_task(f"submitting to {'detect' if kind == 'query' else 'screen'}", total=len(files))
+        for path in files:
+            row: dict[str, Any] = {"path": str(path), "request_id": None, "error": None, "result": None}
+            try:
+                if kind == "query":
+                    row["request_id"] = client.submit_query(path, client=client_name)
+                else:
+                    row["request_id"] = client.submit_insert(path, source=source, label=label, client=client_name)
+            except BrokerUnavailable as exc:
+                err.print(f"[red]broker unavailable:[/] {exc}")
+                raise typer.Exit(3) from None
+            except (ImageTooLarge, OSError, ValueError) as exc:
+                row["error"] = str(exc)
+                failures += 1
+            rows.append(row)
+            progress.advance(task)
+
+        pending = {row["request_id"]: row for row in rows if row["request_id"]}
+        if wait and pending:
+            waiting = progress.add_task("waiting for verdicts", total=len(pending))
+            deadline = time.monotonic() + timeout
+            while pending and time.monotonic() < deadline:
+                done = client.wait(list(pending), timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                for rid, result in done.items():
+                    pending.pop(rid)["result"] = result.to_dict()
+                progress.advance(waiting, len(done))
+            if pending:
+                err.print(f"[yellow]{len(pending)} request(s) still pending after {timeout:.0f} s[/]")
+                failures += len(pending)
+
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        table = Table(title=f"umcd submit {kind}", show_lines=False)
+        table.add_column("file", overflow="fold")
+        table.add_column("request id", style="cyan", no_wrap=True)
+        if wait:
+            for name in ("verdict", "fired", "reasons", "ms"):
+                table.add_column(name, overflow="fold", justify="right" if name == "ms" else "left")
+        for row in rows:
+            cells = [Path(row["path"]).name, row["request_id"] or "-"]
+            if wait:
+                result = row["result"]
+                if row["error"]:
+                    cells += ["[red]not sent[/]", "", row["error"], ""]
+                elif result is None:
+                    cells += ["[yellow]pending[/]", "", "", ""]
+                else:
+                    verdict = result.get("verdict", "?")
+                    total = (result.get("latency_ms") or {}).get("total")
+                    cells += [f"[{_VERDICT_STYLE.get(verdict, 'white')}]{verdict}[/]",
+                              ",".join(result.get("fired") or []), "; ".join(result.get("reasons") or []),
+                              f"{total:.1f}" if isinstance(total, (int, float)) else ""]
+            elif row["error"]:
+                cells[1] = f"[red]not sent: {row['error']}[/]"
+            table.add_row(*cells)
+        out.print(table)
+    if failures:
+        raise typer.Exit(1)
+
+
+@submit_app.command("query")
+def query(
+    paths: list[Path] = typer.Argument(..., exists=True, help="image files or directories of images"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the verdicts"),
+    timeout: float = typer.Option(60.0, help="seconds to wait for verdicts"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout instead of a table"),
+    client_name: Optional[str] = typer.Option(None, "--client", help="client name recorded in the audit"),
+) -> None:
+    """Screen query images (queue detect); prints request ids and, when waiting, verdicts."""
+    _run("query", paths, wait=wait, timeout=timeout, as_json=as_json, client_name=client_name)
+
+
+@submit_app.command("insert")
+def insert(
+    paths: list[Path] = typer.Argument(..., exists=True, help="image files or directories of images"),
+    source: Optional[str] = typer.Option(None, "--source", help="where the images come from"),
+    label: Optional[int] = typer.Option(None, "--label", help="class label of the images"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the verdicts"),
+    timeout: float = typer.Option(60.0, help="seconds to wait for verdicts"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout instead of a table"),
+    client_name: Optional[str] = typer.Option(None, "--client", help="client name recorded in the audit"),
+) -> None:
+    """Screen images for insertion (queue screen); benign ones join the database index."""
+    _run("insert", paths, wait=wait, timeout=timeout, as_json=as_json, client_name=client_name,
+         source=source, label=label)
