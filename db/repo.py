@@ -146,8 +146,9 @@ def record_request(
             received_at=as_datetime(received_at) or utcnow(),
         )
         .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(Request.request_id)
     )
-    return session.execute(stmt).rowcount == 1
+    return session.execute(stmt).scalar_one_or_none() is not None
 
 
 def verdict_fields_from_result(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,8 +192,14 @@ def write_verdict(session: Session, **fields: Any) -> bool:
     fields.setdefault("reasons", [])
     fields.setdefault("fired", [])
     fields.setdefault("created_at", utcnow())
-    stmt = _insert(session, Verdict).values(**fields).on_conflict_do_nothing(index_elements=["request_id"])
-    return session.execute(stmt).rowcount == 1
+    stmt = (
+        _insert(session, Verdict)
+        .values(**fields)
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(Verdict.id)
+    )
+    # RETURNING, not rowcount: with implicit RETURNING psycopg reports rowcount -1
+    return session.execute(stmt).scalar_one_or_none() is not None
 
 
 def get_verdict(session: Session, request_id: str) -> Verdict | None:
