@@ -320,25 +320,31 @@ def add_database_images(
 
 def _take_out_of_index(session: Session, image_id: int, new_status: str, reasons: Sequence[str]) -> bool:
     _lock_index_log(session)
-    stmt = select(DbImage).where(DbImage.id == image_id).execution_options(populate_existing=True)
-    if _dialect(session) == "postgresql":
-        stmt = stmt.with_for_update()
-    image = session.scalars(stmt).one_or_none()
-    if image is None:
+    current = session.execute(select(DbImage.status, DbImage.reasons).where(DbImage.id == image_id)).one_or_none()
+    if current is None:
         raise KeyError(f"no database image {image_id}")
-    old_status = image.status
+    old_status, old_reasons = current
     if old_status == new_status or old_status == "removed":
         return False
-    image.status = new_status
-    image.reasons = [*(image.reasons or []), *reasons]
+    # Conditional on the status just read: of two racing callers only one changes it and logs.
+    changed = session.execute(
+        update(DbImage)
+        .where(DbImage.id == image_id, DbImage.status == old_status)
+        .values(status=new_status, reasons=[*(old_reasons or []), *reasons])
+        .returning(DbImage.id)
+    ).scalar_one_or_none()
+    if changed is None:
+        return False
     if old_status == "active":
         versions = session.scalars(
             select(ImageCode.model_version).where(ImageCode.image_id == image_id).order_by(ImageCode.model_version)
         ).all()
         now = utcnow()
-        for version in versions:
-            session.add(IndexLog(op="remove", image_id=image_id, model_version=version, code=None, created_at=now))
-    session.flush()
+        if versions:
+            session.execute(
+                insert(IndexLog),
+                [dict(op="remove", image_id=image_id, model_version=v, code=None, created_at=now) for v in versions],
+            )
     return True
 
 
@@ -500,17 +506,17 @@ def publish_model_version(session: Session, version: str, **fields: Any) -> Mode
     ``fields`` are ``add_model_version``'s arguments; needed only when the version is new. The
     previous active version is deactivated in the same transaction; ``published_at`` is set once.
     """
-    _xact_lock(session, "umcd.model_versions")
-    if fields:
-        add_model_version(session, version, **fields)
-    if get_model_version(session, version) is None:
+    if not fields and get_model_version(session, version) is None:
         raise KeyError(f"no model version {version!r}: pass its checkpoint fields to register it")
+    _xact_lock(session, "umcd.model_versions")
+    # Deactivate first: on SQLite this write takes the database lock before anything else is read.
     session.execute(
         update(ModelVersion)
         .where(ModelVersion.is_active.is_(True), ModelVersion.version != version)
         .values(is_active=False)
     )
-    session.flush()  # the previous active row is inactive before this one becomes active
+    if fields:
+        add_model_version(session, version, **fields)
     row = session.scalars(
         select(ModelVersion).where(ModelVersion.version == version).execution_options(populate_existing=True)
     ).one()

@@ -99,9 +99,8 @@ def test_write_verdict_twice_keeps_one_row_and_the_first_verdict(db_url):
     assert _count(engine, Verdict) == 1
 
 
-@on_postgresql
-def test_threads_writing_the_same_request_ids_leave_exactly_one_row_each(db_url):
-    engine = make_engine(db_url)
+def test_threads_writing_the_same_request_ids_leave_exactly_one_row_each_on_both_dialects(db_url):
+    engine = make_engine(db_url)  # db_url runs this test on SQLite and on PostgreSQL
     ids = [f"req-{i}" for i in range(50)]
     inserted: list[bool] = []
 
@@ -146,6 +145,29 @@ def test_concurrent_redeliveries_of_an_insertion_create_one_image_and_one_log_ro
         assert repo.duplicates(s) == {"verdicts": [], "db_images": [], "index_log": []}
         for rid, image_ids in results.items():
             assert repo.get_verdict(s, rid).image_id == next(iter(image_ids))
+
+
+def test_racing_removals_of_one_image_log_a_single_remove_on_both_dialects(db_url):
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:
+        image_ids = [repo.insert_database_image(s, f"ins-{i}", CODE, "mv1") for i in range(10)]
+    changed: list[bool] = []
+
+    def remover(w: int) -> None:
+        for image_id in image_ids:
+            with session_scope(engine) as s:
+                if w % 2:
+                    changed.append(repo.remove_image(s, image_id, reasons=[f"w{w}"]))
+                else:
+                    changed.append(repo.quarantine_image(s, image_id, reasons=[f"w{w}"]))
+
+    assert _run_threads(4, remover) == []
+    with session_scope(engine) as s:
+        log = repo.read_index_log(s, 0, "mv1")
+        removes = [i for _, op, i, _ in log if op == "remove"]
+        assert sorted(removes) == sorted(image_ids)  # one remove per image, whoever won
+        assert all(repo.get_image(s, i).status in ("quarantined", "removed") for i in image_ids)
+    assert 10 <= sum(changed) <= 20  # each image leaves "active" once, and may go on to "removed" once
 
 
 @on_postgresql
