@@ -1,0 +1,318 @@
+"""`umcd fleet` with real processes: Redis, PostgreSQL, Celery workers, a gateway and Flower start, answer and stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from umcd.fleet import Fleet, FleetError, postgres_bin_dir, read_env_file
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+needs_redis = pytest.mark.skipif(
+    shutil.which("redis-server") is None and not os.access("/usr/bin/redis-server", os.X_OK),
+    reason="redis-server is not installed: run `make services`",
+)
+needs_postgres = pytest.mark.skipif(postgres_bin_dir() is None, reason="PostgreSQL is not installed: run `make services`")
+
+# Small stand-ins for workers.app, producers.gateway and db.migrate (written by other parts of the
+# project): the fleet starts them exactly as it starts the real ones, only the module names differ.
+PROBE_APP = '''
+"""A Celery app for the fleet tests: its broker and backend from the fleet's variables."""
+import os
+from celery import Celery
+
+app = Celery("fleet_probe", broker=os.environ["UMCD_BROKER_URL"], backend=os.environ["UMCD_RESULT_BACKEND"])
+app.conf.update(accept_content=["json"], task_serializer="json", result_serializer="json",
+                broker_connection_retry_on_startup=True)
+
+
+@app.task(name="probe.add")
+def add(a, b):
+    return a + b
+'''
+PROBE_GATEWAY = '''
+"""An ASGI app for the fleet tests: /healthz, and /env to show what the fleet passed."""
+import os
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/healthz")
+def healthz():
+    return {"ok": True}
+
+
+@app.get("/env")
+def env():
+    return {k: bool(os.environ.get(k)) for k in ("UMCD_BROKER_URL", "UMCD_DATABASE_URL", "UMCD_API_KEY")}
+'''
+PROBE_MIGRATE = '''
+"""Stands in for db.migrate: creates one table in UMCD_DATABASE_URL."""
+import os
+import sqlalchemy as sa
+
+engine = sa.create_engine(os.environ["UMCD_DATABASE_URL"])
+with engine.begin() as conn:
+    conn.execute(sa.text("CREATE TABLE IF NOT EXISTS fleet_probe (id INTEGER PRIMARY KEY)"))
+    conn.execute(sa.text("INSERT INTO fleet_probe (id) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM fleet_probe)"))
+engine.dispose()
+'''
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fleet_probes")
+    (path / "fleet_probe_app.py").write_text(textwrap.dedent(PROBE_APP))
+    (path / "fleet_probe_gateway.py").write_text(textwrap.dedent(PROBE_GATEWAY))
+    (path / "fleet_probe_migrate.py").write_text(textwrap.dedent(PROBE_MIGRATE))
+    return path
+
+
+@pytest.fixture()
+def artifacts():
+    """An artifacts folder the ``postgres`` OS user can reach (pytest's tmp folders are mode 700)."""
+    base = Path(tempfile.mkdtemp(prefix="umcd-fleet-test-"))
+    base.chmod(0o755)
+    try:
+        yield base / "artifacts"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def make_fleet(artifacts: Path, probes: Path, **kwargs) -> Fleet:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probes), env.get("PYTHONPATH")]))
+    kwargs.setdefault("ready_timeout_s", 120.0)
+    return Fleet(
+        artifacts, celery_app="fleet_probe_app", gateway_app="fleet_probe_gateway:app",
+        migrate_module="fleet_probe_migrate", env=env, stop_grace_s=10.0, **kwargs,
+    )
+
+
+def live(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        import base64
+
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@needs_redis
+@needs_postgres
+def test_fleet_up_starts_every_service_and_down_leaves_no_process(artifacts, probes):
+    import celery
+    import redis
+    import sqlalchemy as sa
+
+    fleet = make_fleet(artifacts, probes, workers=2)
+    state = fleet.up()
+    try:
+        names = [s.name for s in state.services]
+        assert names == ["redis", "postgres", "detect0", "detect1", "cpu", "gateway", "flower"]
+        assert all(live(s.pid) for s in state.services)
+        assert state.oneshots["migrate"]["rc"] == 0
+
+        # state.json records pid, log and URL of each process, and no secret
+        recorded = json.loads(fleet.state_path.read_text())
+        assert [s["name"] for s in recorded["services"]] == names
+        assert all(Path(s["log"]).exists() and s["url"] and s["pid"] > 0 for s in recorded["services"])
+        secrets_ = read_env_file(fleet.env_path)
+        assert stat.S_IMODE(fleet.env_path.stat().st_mode) == 0o600
+        text = fleet.state_path.read_text()
+        for key in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "UMCD_API_KEY"):
+            assert len(secrets_[key]) >= 16 and secrets_[key] not in text, key
+        for log in (artifacts / "fleet" / "logs").iterdir():
+            assert secrets_["FLOWER_PASSWORD"] not in log.read_text(errors="replace"), log
+
+        # Redis: append-only, password required
+        redis_port = state.service("redis").port
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).ping()
+        client = redis.Redis(port=redis_port, password=secrets_["REDIS_PASSWORD"])
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        client.close()
+
+        # PostgreSQL on 127.0.0.1: the migration ran against it
+        env = fleet.client_env()
+        assert env["UMCD_DATABASE_URL"].startswith("postgresql+psycopg://")
+        engine = sa.create_engine(env["UMCD_DATABASE_URL"])
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM fleet_probe")).scalar_one() == 1
+        engine.dispose()
+
+        # workers consume their queues: a task through the broker comes back from a worker
+        app = celery.Celery("fleet_test", broker=env["UMCD_BROKER_URL"], backend=env["UMCD_RESULT_BACKEND"])
+        try:
+            nodes = {node.split("@")[0] for reply in app.control.ping(timeout=2.0) for node in reply}
+            assert nodes == {"detect0", "detect1", "cpu"}
+            assert app.send_task("probe.add", args=(2, 3), queue="detect").get(timeout=30) == 5
+            assert app.send_task("probe.add", args=(4, 5), queue="train").get(timeout=30) == 9
+        finally:
+            app.close()
+        metric_ports = [state.service(n).port for n in ("detect0", "detect1", "cpu")]
+        assert len(set(metric_ports)) == 3
+
+        # gateway and Flower answer; Flower's UI needs its basic auth, its health check does not
+        gateway, flower = state.service("gateway"), state.service("flower")
+        assert http_status(gateway.url + "/healthz") == 200
+        with urllib.request.urlopen(gateway.url + "/env", timeout=5) as response:
+            assert json.load(response) == {"UMCD_BROKER_URL": True, "UMCD_DATABASE_URL": True, "UMCD_API_KEY": True}
+        assert http_status(flower.url + "/healthcheck") == 200
+        assert http_status(flower.url + "/workers") == 401
+        assert http_status(flower.url + "/workers", auth=(secrets_["FLOWER_USER"], secrets_["FLOWER_PASSWORD"])) == 200
+
+        rows = fleet.status()
+        assert [(r.name, r.alive) for r in rows] == [(n, True) for n in names]
+        assert all(r.healthy is not False for r in rows)
+        with pytest.raises(FleetError, match="already running"):
+            make_fleet(artifacts, probes).up()
+    finally:
+        stopped = fleet.down()
+
+    assert stopped == names
+    assert not fleet.state_path.exists()
+    assert [s.name for s in state.services if live(s.pid)] == []
+    assert [s.name for s in state.services if s.port and port_open(s.port)] == []
+    assert fleet.status() == []
+    assert fleet.down() == []
+
+
+@needs_redis
+@needs_postgres
+def test_second_up_reuses_the_cluster_and_the_secrets(artifacts, probes):
+    import sqlalchemy as sa
+
+    fleet = make_fleet(artifacts, probes, workers=0, cpu_worker=False, gateway=False, flower=False)
+    fleet.up()
+    try:
+        first = read_env_file(fleet.env_path)
+        engine = sa.create_engine(fleet.client_env()["UMCD_DATABASE_URL"])
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO fleet_probe (id) VALUES (2)"))
+        engine.dispose()
+    finally:
+        fleet.down()
+
+    again = make_fleet(artifacts, probes, workers=0, cpu_worker=False, gateway=False, flower=False)
+    state = again.up()
+    try:
+        second = read_env_file(again.env_path)
+        for key in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "UMCD_API_KEY"):
+            assert first[key] == second[key], key
+        engine = sa.create_engine(again.client_env()["UMCD_DATABASE_URL"])
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM fleet_probe")).scalar_one() == 2
+        engine.dispose()
+    finally:
+        again.down()
+    assert [s.name for s in state.services if live(s.pid)] == []
+
+
+@needs_redis
+def test_failed_up_stops_what_it_started(artifacts, probes):
+    fleet = make_fleet(
+        artifacts, probes, workers=1, postgres=False, cpu_worker=False, flower=False, ready_timeout_s=60.0,
+    )
+    fleet.gateway_app = "fleet_probe_missing_module:app"
+    with pytest.raises(FleetError, match="gateway exited"):
+        fleet.up()
+    assert not fleet.state_path.exists()
+    for log_name in ("redis", "detect0", "gateway"):
+        assert (artifacts / "fleet" / "logs" / f"{log_name}.log").exists()
+    alive = [p for p in psutil.process_iter(["cmdline"]) if str(artifacts) in " ".join(p.info["cmdline"] or [])]
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+@needs_redis
+def test_cli_up_status_down_with_sqlite(artifacts, probes, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from umcd.commands.fleet import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(probes), os.environ.get("PYTHONPATH")])))
+    for key in ("REDIS_PASSWORD", "FLOWER_PASSWORD", "UMCD_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    common = ["--artifacts", str(artifacts)]
+
+    result = runner.invoke(app, ["fleet", "status", *common])
+    assert result.exit_code == 0 and "no fleet recorded" in result.output
+
+    result = runner.invoke(app, [
+        "fleet", "up", *common, "--workers", "0", "--no-postgres", "--celery-app", "fleet_probe_app",
+        "--gateway-app", "fleet_probe_gateway:app", "--migrate-module", "fleet_probe_migrate",
+    ])
+    try:
+        assert result.exit_code == 0, result.output
+        secrets_ = read_env_file(artifacts / "fleet" / ".env")
+        assert secrets_["UMCD_DATABASE_URL"].startswith("sqlite:///")
+        assert (artifacts / "audit.db").exists()
+        for key in ("REDIS_PASSWORD", "FLOWER_PASSWORD", "UMCD_API_KEY"):
+            assert secrets_[key] not in result.output
+        for name in ("redis", "cpu", "gateway", "flower"):
+            assert name in result.output
+        assert "postgres" not in [s["name"] for s in json.loads((artifacts / "fleet" / "state.json").read_text())["services"]]
+
+        result = runner.invoke(app, ["fleet", "status", *common, "--json"])
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.output)
+        assert [(r["name"], r["alive"]) for r in rows] == [("redis", True), ("cpu", True), ("gateway", True), ("flower", True)]
+        pids = [r["pid"] for r in rows]
+    finally:
+        down = runner.invoke(app, ["fleet", "down", *common])
+    assert down.exit_code == 0 and "stopped: redis, cpu, gateway, flower" in down.output
+    assert [p for p in pids if live(p)] == []
+
+
+def test_env_file_round_trips_any_secret_with_mode_600(tmp_path):
+    from umcd.fleet import _env_line, write_private_file
+
+    values = {"PLAIN": "abc-DEF_123", "SPACES": "two words", "QUOTES": "it's \"x\"", "SHELL": "$HOME;#`x`", "EMPTY": ""}
+    path = tmp_path / ".env"
+    write_private_file(path, "# comment\n" + "\n".join(_env_line(k, v) for k, v in values.items()) + "\n")
+    assert read_env_file(path) == values
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # what a shell reads from it is the same (the file is meant for `set -a; . .env`)
+    import subprocess
+
+    out = subprocess.run(
+        ["bash", "-c", f"set -a; . {path}; printf '%s\\0' \"$PLAIN\" \"$SPACES\" \"$QUOTES\" \"$SHELL\" \"$EMPTY\""],
+        capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]},
+    ).stdout.split("\0")[:-1]
+    assert out == list(values.values())
