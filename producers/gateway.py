@@ -205,11 +205,13 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         if not content_type.startswith("multipart/form-data"):
             raise HTTPException(status_code=415, detail="send the image as multipart/form-data in field 'file'")
         form = await request.form(max_files=1, max_fields=8, max_part_size=4096)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(status_code=422, detail="missing the image: a multipart file field named 'file'")
-        data = await upload.read(settings.max_image_bytes + 1)
-        await form.close()
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(status_code=422, detail="missing the image: a multipart file field named 'file'")
+            data = await upload.read(settings.max_image_bytes + 1)
+        finally:
+            await form.close()
         if len(data) > settings.max_image_bytes:
             raise HTTPException(status_code=413,
                                 detail=f"upload too large: images are limited to {settings.max_image_bytes} bytes")
@@ -265,10 +267,8 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
     ) -> dict[str, Any]:
         """``status``: pending (queued, or unknown to the result backend), running, done or failed
         (the task raised; ``result.verdict`` is ``error``). ``result`` is the Result when finished."""
-        sdk = get_client()
         try:
-            state = await run_in_threadpool(sdk.state, request_id)
-            result = await run_in_threadpool(sdk.result, request_id) if state in _STATUS else None
+            state, result = await run_in_threadpool(get_client().lookup, request_id)
         except Exception as exc:  # noqa: BLE001 - the backend is down: say so, do not 500
             raise HTTPException(status_code=503, detail=f"result backend unavailable ({type(exc).__name__})",
                                 headers={"Retry-After": "5"}) from None

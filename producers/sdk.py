@@ -195,10 +195,13 @@ class Client:
 
     def result(self, request_id: str) -> Result | None:
         """The request's Result if it is finished, else None (never blocks)."""
+        return self.lookup(request_id)[1]
+
+    def lookup(self, request_id: str) -> tuple[str, Result | None]:
+        """(Celery state, Result or None) in one read of the result backend (never blocks)."""
         meta = self._meta(request_id)
-        if meta.get("status") not in _READY:
-            return None
-        return self._from_meta(request_id, meta)
+        state = meta.get("status", "PENDING")
+        return state, (self._from_meta(request_id, meta) if state in _READY else None)
 
     def wait(self, request_ids: str | Iterable[str], timeout: float | None = 60.0,
              interval: float = 0.05) -> dict[str, Result]:

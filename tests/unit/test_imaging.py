@@ -82,11 +82,11 @@ def test_corpus_file_decodes_to_model_input_or_raises_invalid_image(corpus, name
 
 
 def test_header_bomb_is_refused_without_allocating_its_pixels(corpus):
-    # a fresh interpreter, so its peak RSS says what decoding the 20000x20000 RGB header cost
-    # (decoding it would need 1.2 GB); the baseline interpreter with numpy and Pillow is ~60 MB
+    # a fresh interpreter, so its peak RSS (VmHWM: reset by exec, unlike ru_maxrss) says what
+    # decoding the 20000x20000 RGB header cost (its pixels would need 1.2 GB); baseline is ~30 MB
     path = corpus["header_20000.png"][0]
     code = (
-        "import json, resource, sys\n"
+        "import json, re, sys\n"
         "from workers.imaging import decode_image, InvalidImage\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "try:\n"
@@ -94,7 +94,8 @@ def test_header_bomb_is_refused_without_allocating_its_pixels(corpus):
         "    code = None\n"
         "except InvalidImage as exc:\n"
         "    code = exc.code\n"
-        "print(json.dumps({'code': code, 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+        "print(json.dumps({'code': code, 'maxrss_kb': int(hwm)}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, check=True)

@@ -296,3 +296,25 @@ def test_umcd_submit_query_prints_json_verdicts(worker_env, echo_worker, tmp_pat
         assert "a.png" in no_wait.stdout
     finally:
         get_settings.cache_clear()
+
+
+# --------------------------------------------------------------------------- the shared configuration
+
+
+def test_make_celery_routes_every_task_name_to_its_queue_and_accepts_only_json(tmp_path):
+    from umcd.celeryconf import QUEUES, TASK_NAMES, FleetRedisBackend, make_celery
+
+    settings = Settings(broker_url="redis://127.0.0.1:1/0", artifacts=tmp_path, worker_prefetch=7)
+    app = make_celery(settings)
+    assert set(TASK_NAMES.values()) == set(QUEUES) == {"detect", "screen", "train", "attack", "eval"}
+    for name, queue in TASK_NAMES.items():
+        assert name == f"umcd.{queue}"
+        assert app.amqp.router.route({}, name)["queue"].name == queue
+    conf = app.conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == conf.result_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 7
+    assert conf.broker_transport_options["visibility_timeout"] > 0
+    assert conf.worker_send_task_events and conf.task_send_sent_event and conf.result_extended
+    assert conf.result_backend == "redis://127.0.0.1:1/0"  # defaults to the broker
+    assert isinstance(app.backend, FleetRedisBackend)
