@@ -39,6 +39,17 @@ def postgres_server():
         server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def _migrated_postgres_template(postgres_server):
+    """Name of a database on ``postgres_server`` migrated to head once; per-test databases copy it."""
+    from db.migrate import upgrade
+
+    name = "umcd_migrated_template"
+    url = postgres_server.create_database(name)
+    upgrade(url)  # its engine is disposed: the template has no open connection left
+    return name
+
+
 @pytest.fixture(
     params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)],
 )
@@ -46,7 +57,8 @@ def db_url(request, tmp_path):
     """A fresh, migrated (``alembic upgrade head``) audit database URL for one test.
 
     ``sqlite``: a file in the test's tmp dir. ``postgresql``: a new database on the shared
-    ``postgres_server`` (started on first use), dropped after the test. Override the dialects of one
+    ``postgres_server`` (started on first use), copied from a template migrated once per session,
+    dropped after the test. Override the dialects of one
     test with ``@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)``.
     """
     from db.migrate import upgrade
@@ -62,10 +74,11 @@ def db_url(request, tmp_path):
         return
 
     server: PostgresServer = request.getfixturevalue("postgres_server")
+    template = request.getfixturevalue("_migrated_postgres_template")
     name = f"t_{uuid.uuid4().hex[:16]}"
-    url = server.create_database(name)
+    url = server.create_database(name, template=template)
     try:
-        upgrade(url)
+        upgrade(url)  # a no-op at head; kept so that the fixture's promise never depends on the template
         yield url
     finally:
         dispose_engine(url)

@@ -440,11 +440,14 @@ class PostgresServer:
         ])
         return proc.stdout.strip()
 
-    def create_database(self, name: str) -> str:
-        """Create database ``name`` owned by the ``umcd`` role; return its SQLAlchemy URL."""
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"unsafe database name {name!r}")
-        self.psql(f'CREATE DATABASE "{name}" OWNER {self.user}')
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """Create database ``name`` owned by the ``umcd`` role (a copy of ``template`` if given, which
+        must have no open connections); return its SQLAlchemy URL."""
+        for n in (name, template or "x"):
+            if not n.replace("_", "").isalnum():
+                raise ValueError(f"unsafe database name {n!r}")
+        copy = f' TEMPLATE "{template}"' if template else ""
+        self.psql(f'CREATE DATABASE "{name}" OWNER {self.user}{copy}')
         return self.url_for(name)
 
     def drop_database(self, name: str) -> None:
