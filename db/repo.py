@@ -1,10 +1,9 @@
-"""Small repository functions over the audit store; each takes a Session and leaves the commit to its caller.
+"""Small repository functions over the audit store; each takes a Session and leaves the commit to its caller."""
 
-Writes that a redelivered task may repeat are idempotent on the request id (INSERT ... ON CONFLICT
-DO NOTHING on both SQLite and PostgreSQL). Writers of ``index_log`` take a transaction-scoped lock
-on PostgreSQL, so log rows commit in ``seq`` order and a replica that reads ``seq > watermark``
-never skips a row that commits late (SQLite serialises writers by itself).
-"""
+# Writes that a redelivered task may repeat are idempotent on the request id (INSERT ... ON CONFLICT
+# DO NOTHING on both SQLite and PostgreSQL). Writers of ``index_log`` take a transaction-scoped lock
+# on PostgreSQL, so log rows commit in ``seq`` order and a replica that reads ``seq > watermark``
+# never skips a row that commits late (SQLite serialises writers by itself).
 
 from __future__ import annotations
 
