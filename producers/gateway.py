@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from producers.results import REQUEST_ID_PATTERN, validate_request_id
 from producers.sdk import BrokerUnavailable, Client, ImageTooLarge
 from umcd.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 #: bytes a multipart body may carry beyond the image itself (boundaries, headers, form fields)
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -149,8 +154,48 @@ def _multipart_body(with_insert_fields: bool) -> dict[str, Any]:
         "schema": {"type": "object", "required": ["file"], "properties": properties}}}}}
 
 
-def create_app(settings: Settings | None = None, *, client: Client | None = None) -> FastAPI:
-    """The gateway app. ``client`` (an SDK Client) defaults to one built from ``settings``."""
+def _result_from_verdict_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A Result dict (docs/CONTRACTS.md) from an audit-store ``verdicts`` row."""
+    scores = {k: row.get(k) for k in ("c1", "c2", "c3", "combined")}
+    latency = {k: row.get(f"latency_{k}_ms") for k in ("queue", "model", "search", "total")}
+    return {
+        "request_id": row["request_id"], "kind": row["kind"], "verdict": row["verdict"],
+        "reasons": list(row.get("reasons") or []), "fired": list(row.get("fired") or []),
+        "scores": scores if any(v is not None for v in scores.values()) else None,
+        "thresholds": row.get("thresholds"), "topk": row.get("topk"), "image_id": row.get("image_id"),
+        "model_version": row.get("model_version"), "calibration_id": row.get("calibration_id"),
+        "detector": row.get("detector"), "batch_size": row.get("batch_size"),
+        "latency_ms": latency if any(v is not None for v in latency.values()) else None,
+        "worker": row.get("worker"),
+    }
+
+
+def audit_lookup(settings: Settings, request_id: str) -> dict[str, Any] | None:
+    """The Result of ``request_id`` from the audit store, or None (no store, no row, or no ``db``)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        from db.repo import get_verdict, row_dict
+        from db.session import session_scope
+    except ImportError:
+        return None
+    url = settings.db_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or not os.path.exists(parsed.database):
+            return None  # never create an empty audit file from the gateway
+    with session_scope(url) as session:
+        row = row_dict(get_verdict(session, request_id))
+    return _result_from_verdict_row(row) if row else None
+
+
+def create_app(settings: Settings | None = None, *, client: Client | None = None,
+               audit_fallback: bool = True, audit_timeout_s: float = 2.0) -> FastAPI:
+    """The gateway app. ``client`` (an SDK Client) defaults to one built from ``settings``.
+
+    With ``audit_fallback``, a request the result backend does not know (its result expired, or
+    the backend was flushed) is looked up in the audit store, for at most ``audit_timeout_s``.
+    """
     settings = settings or get_settings()
     api_key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     limiter = TokenBucketLimiter(settings.rate_limit_per_minute)
@@ -265,18 +310,29 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         request_id: str = Path(..., pattern=REQUEST_ID_PATTERN, max_length=64),
         identity: str = Depends(guard),
     ) -> dict[str, Any]:
-        """``status``: pending (queued, or unknown to the result backend), running, done or failed
-        (the task raised; ``result.verdict`` is ``error``). ``result`` is the Result when finished."""
+        """``status``: pending (queued, or unknown), running, done or failed (the task raised;
+        ``result.verdict`` is ``error``). ``result`` is the Result when finished; ``source`` says
+        where it came from (``result_backend``, or ``audit`` once the backend forgot it)."""
         try:
             state, result = await run_in_threadpool(get_client().lookup, request_id)
         except Exception as exc:  # noqa: BLE001 - the backend is down: say so, do not 500
             raise HTTPException(status_code=503, detail=f"result backend unavailable ({type(exc).__name__})",
                                 headers={"Retry-After": "5"}) from None
         status = _STATUS.get(state, "pending")
-        if status == "running" or result is None:
-            return {"request_id": request_id, "status": "running" if status == "running" else "pending",
-                    "result": None}
-        return {"request_id": request_id, "status": status, "result": result.to_dict()}
+        if result is not None:
+            return {"request_id": request_id, "status": status, "result": result.to_dict(),
+                    "source": "result_backend"}
+        if status == "pending" and audit_fallback:
+            try:
+                row = await asyncio.wait_for(run_in_threadpool(audit_lookup, settings, request_id),
+                                             timeout=audit_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the audit store is an extra: never fail on it
+                log.warning("audit lookup of %s failed: %s", request_id, exc)
+                row = None
+            if row is not None:
+                return {"request_id": request_id, "status": "done", "result": row, "source": "audit"}
+        return {"request_id": request_id, "status": "running" if status == "running" else "pending",
+                "result": None, "source": None}
 
     @app.get("/healthz", summary="Liveness: the gateway answers")
     async def healthz() -> dict[str, str]:

@@ -308,7 +308,8 @@ def test_missing_file_field_is_422_and_non_multipart_is_415(make_gateway):
 
 def test_request_status_goes_from_pending_to_done_with_the_result(make_gateway):
     gateway, sdk = make_gateway()
-    assert gateway.get("/v1/requests/r-1").json() == {"request_id": "r-1", "status": "pending", "result": None}
+    assert gateway.get("/v1/requests/r-1").json() == {"request_id": "r-1", "status": "pending", "result": None,
+                                                      "source": None}
 
     # what a worker does when it finishes: the task's return value lands in the result backend
     result = {"request_id": "r-1", "kind": "query", "verdict": "adversarial", "reasons": ["c2 below T2"],
@@ -318,7 +319,7 @@ def test_request_status_goes_from_pending_to_done_with_the_result(make_gateway):
               "latency_ms": {"queue": 1.0, "model": 2.0, "search": 0.5, "total": 4.0}, "worker": "w1"}
     sdk.app.backend.store_result("r-1", result, "SUCCESS")
     done = gateway.get("/v1/requests/r-1").json()
-    assert done["status"] == "done"
+    assert done["status"] == "done" and done["source"] == "result_backend"
     assert done["result"] == result
 
     sdk.app.backend.store_result("r-2", None, "STARTED")
@@ -328,6 +329,31 @@ def test_request_status_goes_from_pending_to_done_with_the_result(make_gateway):
     failed = gateway.get("/v1/requests/r-3").json()
     assert failed["status"] == "failed"
     assert failed["result"]["verdict"] == "error" and "boom" in failed["result"]["reasons"][0]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_request_the_result_backend_forgot_is_read_from_the_audit_store(make_gateway, db_url):
+    from db.repo import verdict_fields_from_result, write_verdict
+    from db.session import session_scope
+
+    result = {"request_id": "old-1", "kind": "insert", "verdict": "benign", "reasons": [], "fired": [],
+              "scores": {"c1": 2.0, "c2": 0.7, "c3": 1.5, "combined": 0.2},
+              "thresholds": {"c1": 10.0, "c2": 0.5, "c3": 4.0}, "topk": {"ids": [4, 2], "distances": [1, 3]},
+              "image_id": 17, "model_version": "m2", "calibration_id": 3, "detector": "umcd", "batch_size": 8,
+              "latency_ms": {"queue": 1.0, "model": 2.0, "search": 0.5, "total": 4.0}, "worker": "w2"}
+    with session_scope(db_url) as session:
+        write_verdict(session, **verdict_fields_from_result(result))
+    gateway, _ = make_gateway(database_url=db_url)
+    answer = gateway.get("/v1/requests/old-1").json()
+    assert answer["status"] == "done" and answer["source"] == "audit"
+    assert answer["result"] == result
+    assert gateway.get("/v1/requests/never-1").json()["status"] == "pending"
+
+
+def test_a_missing_sqlite_audit_store_is_not_created_by_status_reads(make_gateway, tmp_path):
+    gateway, _ = make_gateway()  # database_url unset: artifacts/audit.db, which does not exist
+    assert gateway.get("/v1/requests/r-9").json()["status"] == "pending"
+    assert not (tmp_path / "audit.db").exists()
 
 
 def test_broker_down_answers_503(tmp_path):
