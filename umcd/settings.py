@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     replica_sync_interval_ms: float = Field(200.0, gt=0)
     model_poll_interval_s: float = Field(2.0, gt=0)
     worker_prefetch: int = Field(64, ge=1)
+    replica_snapshot_interval_s: float = Field(300.0, gt=0)  # a worker rewrites artifacts/index/<version>.faiss
+    image_roots: tuple[Path, ...] = (Path("/shared"),)  # directories an ImageRef {"path": ...} may point into
 
     # image input limits
     max_image_bytes: int = 8 * 1024 * 1024

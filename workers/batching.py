@@ -1,0 +1,194 @@
+"""An in-worker dynamic batcher: task threads hand items to one batching thread and wait on their own futures."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher was stopped: no new item is accepted and queued ones are failed with this."""
+
+
+@dataclass
+class BatchStats:
+    """Counters of one batcher (read by metrics and tests): batches run, items seen, sizes."""
+
+    batches: int = 0
+    items: int = 0
+    max_size: int = 0
+    sizes: list[int] = field(default_factory=list)  # the last 1000 batch sizes
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.max_size = max(self.max_size, size)
+        self.sizes.append(size)
+        if len(self.sizes) > 1000:
+            del self.sizes[:-1000]
+
+
+class MicroBatcher(Generic[T, R]):
+    """Gathers items submitted by many threads into batches for ``process`` and answers each on its own.
+
+    ``process(items) -> outcomes`` runs on one background thread with a list of 1..``max_size``
+    items and returns one outcome per item, in order: a result, or an exception instance that fails
+    that item only. A batch is closed when it holds ``max_size`` items or ``max_wait_s`` seconds
+    after its first item arrived, whichever comes first (items already queued when the wait ends
+    still join, up to ``max_size``). If ``process`` raises for a batch of several items, each item
+    is retried alone, so a poison item fails by itself and its batch-mates still get their results.
+
+    ``submit(item)`` returns a ``concurrent.futures.Future`` resolved with that item's outcome.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[T]], Sequence[R | BaseException]],
+        *,
+        max_size: int,
+        max_wait_s: float,
+        name: str = "umcd-batcher",
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.process = process
+        self.max_size = int(max_size)
+        self.max_wait_s = float(max_wait_s)
+        self.name = name
+        self.on_batch = on_batch  # (batch size, seconds spent in process) after every batch
+        self.stats = BatchStats()
+        self._queue: queue.SimpleQueue[tuple[T, Future] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> MicroBatcher[T, R]:
+        """Start the batching thread (idempotent)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping.clear()
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop accepting items, finish the batch in progress, fail what is still queued."""
+        with self._lock:
+            self._stopping.set()
+            self._queue.put(None)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        self._fail_queued(BatcherStopped("the batcher was stopped"))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    def __enter__(self) -> MicroBatcher[T, R]:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, item: T) -> Future:
+        """Queue ``item``; the returned future holds its result (or raises its exception)."""
+        future: Future = Future()
+        with self._lock:
+            if self._stopping.is_set() or self._thread is None:
+                raise BatcherStopped("the batcher is not running")
+            self._queue.put((item, future))
+        return future
+
+    # ------------------------------------------------------------------ the batching thread
+
+    def _gather(self) -> list[tuple[T, Future]] | None:
+        """The next batch: blocks for a first item, then gathers until full or the wait ends."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_size:
+            remaining = deadline - time.monotonic()
+            try:
+                entry = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is None:  # stop requested: run what we have, then exit
+                self._queue.put(None)
+                break
+            batch.append(entry)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+            if live:
+                self._run_batch(live)
+            if self._stopping.is_set() and self._queue.empty():
+                return
+
+    def _run_batch(self, batch: list[tuple[T, Future]]) -> None:
+        items = [item for item, _ in batch]
+        t0 = time.perf_counter()
+        try:
+            outcomes = list(self.process(items))
+            if len(outcomes) != len(items):
+                raise RuntimeError(f"batch function returned {len(outcomes)} outcomes for {len(items)} items")
+        except BaseException as exc:  # noqa: BLE001 - isolate the poison item, never kill the thread
+            if len(items) == 1:
+                outcomes = [exc]
+            else:
+                log.warning("batch of %d failed (%s: %s); retrying its items one by one",
+                            len(items), type(exc).__name__, exc)
+                outcomes = [self._run_single(item) for item in items]
+        elapsed = time.perf_counter() - t0
+        self.stats.record(len(items))
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(items), elapsed)
+            except Exception:  # noqa: BLE001 - metrics must never fail a batch
+                log.exception("on_batch callback failed")
+        for (_, future), outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    def _run_single(self, item: T) -> R | BaseException:
+        try:
+            (outcome,) = self.process([item])
+            return outcome
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if entry is not None and entry[1].set_running_or_notify_cancel():
+                entry[1].set_exception(exc)

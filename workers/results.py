@@ -1,0 +1,168 @@
+"""Worker-side requests and the Result dicts of docs/CONTRACTS.md (verdicts, reasons, latencies)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+#: what each criterion measures, for the reasons of a rejection
+CRITERION_WORDS = {
+    "c1": "mean Hamming distance to the top-k codes",
+    "c2": "quantization loss",
+    "c3": "disagreement with the blurred image",
+}
+#: queue of each request kind
+QUEUE_OF_KIND = {"query": "detect", "insert": "screen"}
+
+
+@dataclass
+class ScreenRequest:
+    """One ``umcd.detect`` (kind ``query``) or ``umcd.screen`` (kind ``insert``) request as a worker got it.
+
+    Times are epoch seconds: ``submitted_at`` on the producer's clock, ``received_at`` on the worker's.
+    """
+
+    request_id: str
+    kind: str
+    worker: str
+    submitted_at: float | None = None
+    received_at: float = field(default_factory=time.time)
+    client: str | None = None
+    source: str | None = None
+    label: int | None = None
+    image_ref: str | None = None  # inline | redis_key | path
+    image_bytes: int | None = None
+
+    @property
+    def queue(self) -> str:
+        return QUEUE_OF_KIND[self.kind]
+
+    @property
+    def queue_ms(self) -> float:
+        """Milliseconds from submission to this worker starting the request (0 when unknown)."""
+        if self.submitted_at is None:
+            return 0.0
+        return max(0.0, (self.received_at - self.submitted_at) * 1000.0)
+
+    def total_ms(self, now: float | None = None) -> float:
+        """Milliseconds from submission (or receipt, when unknown) to ``now``."""
+        start = self.submitted_at if self.submitted_at is not None else self.received_at
+        return max(0.0, ((now if now is not None else time.time()) - start) * 1000.0)
+
+    def request_fields(self) -> dict[str, Any]:
+        """Keyword arguments of ``db.repo.record_request``."""
+        return {
+            "request_id": self.request_id,
+            "kind": self.kind,
+            "client": self.client,
+            "source": self.source,
+            "label": self.label,
+            "image_bytes": self.image_bytes,
+            "image_ref": self.image_ref,
+            "submitted_at": self.submitted_at,
+            "received_at": self.received_at,
+        }
+
+
+def rejection_reasons(fired: list[str], scores: dict[str, float], thresholds: dict[str, float],
+                      directions: dict[str, str]) -> list[str]:
+    """One sentence per fired criterion: its score against its threshold, in the suspicious direction."""
+    out = []
+    for name in fired:
+        words = CRITERION_WORDS.get(name, name)
+        op = "<" if directions.get(name) == "low" else ">"
+        out.append(f"{name} fired: {words} {scores[name]:.4g} {op} threshold {thresholds[name]:.4g}")
+    return out
+
+
+def detection_result(
+    request: ScreenRequest,
+    record: dict[str, Any],
+    *,
+    directions: dict[str, str],
+    model_version: str,
+    calibration_id: int | None,
+    detector: str,
+    batch_size: int,
+    model_ms: float,
+    search_ms: float,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The Result of a scored request from ``DetectionBatch.record(i)`` (its ``code`` is dropped).
+
+    A benign verdict carries the top-k ids and distances; a rejection carries ``topk: None`` and one
+    reason per fired criterion (the audit row keeps the neighbours either way).
+    """
+    benign = record["verdict"] == "benign"
+    return {
+        "request_id": request.request_id,
+        "kind": request.kind,
+        "verdict": record["verdict"],
+        "reasons": [] if benign else rejection_reasons(record["fired"], record["scores"], record["thresholds"],
+                                                       directions),
+        "fired": list(record["fired"]),
+        "scores": dict(record["scores"]),
+        "thresholds": dict(record["thresholds"]),
+        "topk": dict(record["topk"]) if benign else None,
+        "image_id": None,
+        "model_version": model_version,
+        "calibration_id": calibration_id,
+        "detector": detector,
+        "batch_size": int(batch_size),
+        "latency_ms": {
+            "queue": round(request.queue_ms, 3),
+            "model": round(model_ms, 3),
+            "search": round(search_ms, 3),
+            "total": round(request.total_ms(now), 3),
+        },
+        "worker": request.worker,
+    }
+
+
+def invalid_result(request: ScreenRequest, reason: str, *, detector: str,
+                   model_version: str | None = None, calibration_id: int | None = None) -> dict[str, Any]:
+    """The Result of a request whose image could not be used (``batch_size`` 0: it never reached a batch)."""
+    return {
+        "request_id": request.request_id,
+        "kind": request.kind,
+        "verdict": "invalid_input",
+        "reasons": [reason],
+        "fired": [],
+        "scores": None,
+        "thresholds": None,
+        "topk": None,
+        "image_id": None,
+        "model_version": model_version,
+        "calibration_id": calibration_id,
+        "detector": detector,
+        "batch_size": 0,
+        "latency_ms": {"queue": round(request.queue_ms, 3), "model": 0.0, "search": 0.0,
+                       "total": round(request.total_ms(), 3)},
+        "worker": request.worker,
+    }
+
+
+def result_from_verdict(row: dict[str, Any]) -> dict[str, Any]:
+    """The Result of a stored ``verdicts`` row (``db.repo.row_dict``): what a redelivered request returns."""
+    scores = None
+    if row.get("c1") is not None or row.get("combined") is not None:
+        scores = {k: row.get(k) for k in ("c1", "c2", "c3", "combined") if row.get(k) is not None}
+    benign = row["verdict"] == "benign"
+    return {
+        "request_id": row["request_id"],
+        "kind": row["kind"],
+        "verdict": row["verdict"],
+        "reasons": list(row.get("reasons") or []),
+        "fired": list(row.get("fired") or []),
+        "scores": scores,
+        "thresholds": row.get("thresholds"),
+        "topk": row.get("topk") if benign else None,
+        "image_id": row.get("image_id"),
+        "model_version": row.get("model_version"),
+        "calibration_id": row.get("calibration_id"),
+        "detector": row.get("detector"),
+        "batch_size": row.get("batch_size") or 0,
+        "latency_ms": {k: row.get(f"latency_{k}_ms") for k in ("queue", "model", "search", "total")},
+        "worker": row.get("worker"),
+    }

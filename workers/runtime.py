@@ -1,0 +1,489 @@
+"""The detection runtime of one worker process: model state, micro-batcher, replica sync and model switching."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.calibration import Calibration
+from core.checkpoint import load_checkpoint
+from core.detector import Detector
+from db import repo
+from db.session import make_engine, session_scope
+from umcd.settings import Settings
+from workers import metrics
+from workers.batching import MicroBatcher
+from workers.encoding import decode_for_model, encode_stored, store_image
+from workers.imaging import InvalidImage, resolve_image_ref
+from workers.replica import Replica
+from workers.results import ScreenRequest, detection_result, invalid_result, result_from_verdict
+
+log = logging.getLogger(__name__)
+
+#: image side used to judge an input before any model is loaded
+DEFAULT_IMAGE_SIZE = 32
+#: images re-encoded per pass when catching up insertions made under an older model version
+STRAGGLER_CHUNK = 256
+
+
+class NoModel(RuntimeError):
+    """No model version is published (or loaded) yet: the request should be retried later."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU falls back to cpu (logged)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        log.warning("UMCD_DEVICE=cuda but no GPU is available: falling back to the CPU")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@dataclass
+class ModelState:
+    """Everything one model version needs to answer: model, calibrated detector over its replica."""
+
+    version: str
+    calibration_id: int
+    detector_name: str
+    detector: Detector
+    calibration: Calibration
+    replica: Replica
+    image_size: int
+    bits: int
+    loaded_at: float
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.version, self.calibration_id
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.detector.model
+
+
+@dataclass
+class BatchItem:
+    """One decoded request on its way through the batcher: image (3, S, S) float32 in [0, 1]."""
+
+    request: ScreenRequest
+    image: np.ndarray
+    data: bytes  # the original bytes (stored for insertions, for re-encoding at the next publish)
+
+
+def load_calibration(row: Any) -> Calibration:
+    """The full calibration of a ``calibrations`` row: its JSON file, else the copy kept in ``meta``."""
+    path = getattr(row, "path", None)
+    if path and Path(path).is_file():
+        return Calibration.load(path)
+    stored = (row.meta or {}).get("calibration")
+    if stored:
+        return Calibration(**stored)
+    raise FileNotFoundError(f"calibration {row.id}: no file at {path!r} and no copy in its meta")
+
+
+class DetectionRuntime:
+    """One per detection worker process; task threads call :meth:`handle`.
+
+    Threads: the batcher (one model batch at a time), the replica syncer (reads ``index_log`` past
+    the watermark every ``replica_sync_interval_ms``, snapshots every
+    ``replica_snapshot_interval_s``) and the model watcher (polls the active model version and
+    calibration every ``model_poll_interval_s``; a new one is loaded and its replica built before it
+    replaces the current state in one assignment, so a batch always sees one consistent state).
+    """
+
+    def __init__(self, settings: Settings, *, broker_url: str | None = None) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.engine = make_engine(settings.db_url)
+        self.artifacts = Path(settings.artifacts)
+        self.snapshot_dir = self.artifacts / "index"
+        self.broker_url = broker_url
+        self._redis = None
+        self._redis_lock = threading.Lock()
+        self._state: ModelState | None = None
+        self._state_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._straggler_seq: int | None = None
+        self._straggler_failed: set[int] = set()
+        self._last_snapshot = time.monotonic()
+        self.batcher: MicroBatcher[BatchItem, dict] = MicroBatcher(
+            self._process, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000.0,
+        )
+        #: seconds a task thread waits for its batch before giving up (and retrying)
+        self.result_timeout_s = 120.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, load: bool = True) -> DetectionRuntime:
+        """Serve metrics, load the active model if one is published, start the threads."""
+        metrics.serve(self.settings.metrics_port)
+        metrics.bind_replica(
+            lambda: float(len(self._state.replica)) if self._state is not None else 0.0,
+            lambda: self._state.replica.lag_seconds if self._state is not None else 0.0,
+        )
+        if load:
+            try:
+                self.refresh_model()
+            except Exception:  # noqa: BLE001 - the watcher tries again
+                log.exception("could not load the active model at start; will retry")
+        self.batcher.start()
+        for name, target in (("umcd-replica-sync", self._sync_loop), ("umcd-model-watch", self._watch_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("detection runtime started on %s (batches of up to %d, %.1f ms wait)", self.device,
+                 self.settings.batch_max_size, self.settings.batch_max_wait_ms)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the threads (the batch in progress finishes) and write a last snapshot."""
+        self._stop.set()
+        self.batcher.stop(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
+        state = self._state
+        if state is not None and state.replica.watermark > state.replica.snapshot_watermark:
+            try:
+                state.replica.save_snapshot(self.snapshot_dir)
+            except Exception:  # noqa: BLE001
+                log.exception("could not write the index snapshot at shutdown")
+
+    @property
+    def state(self) -> ModelState | None:
+        return self._state
+
+    def wait_for_model(self, timeout: float) -> ModelState:
+        """The current state, waiting up to ``timeout`` s for a first one (raises NoModel)."""
+        deadline = time.monotonic() + timeout
+        while self._state is None:
+            if time.monotonic() >= deadline:
+                raise NoModel("no model version is published yet")
+            time.sleep(0.05)
+        return self._state
+
+    # ------------------------------------------------------------------ model versions
+
+    def _active_rows(self) -> tuple[Any, Any] | None:
+        with session_scope(self.engine) as s:
+            mv = repo.active_model_version(s)
+            if mv is None:
+                return None
+            cal = repo.active_calibration(s, mv.version, self.settings.detector)
+            if cal is None:
+                log.warning("model %s has no active calibration for detector %s", mv.version, self.settings.detector)
+                return None
+            return mv, cal
+
+    def refresh_model(self) -> bool:
+        """Load the active (model version, calibration) if it differs from the served one; True if switched."""
+        rows = self._active_rows()
+        if rows is None:
+            return False
+        mv, cal_row = rows
+        current = self._state
+        if current is not None and current.key == (mv.version, cal_row.id):
+            return False
+        if current is not None and current.version == mv.version:
+            # same model, new thresholds: keep the replica and the model, swap the detector
+            state = self._build_state(mv, cal_row, replica=current.replica, model=current.model)
+        else:
+            state = self._build_state(mv, cal_row)
+        with self._state_lock:
+            previous, self._state = self._state, state
+        self._straggler_seq = int((mv.meta or {}).get("reencoded_through_seq", 0))
+        metrics.set_model(state.version, previous.version if previous is not None else None)
+        log.info("serving model %s with calibration %d (%s, %d codes in the replica)%s", state.version,
+                 state.calibration_id, state.detector_name, len(state.replica),
+                 f"; was {previous.version}/{previous.calibration_id}" if previous is not None else "")
+        return True
+
+    def _build_state(self, mv: Any, cal_row: Any, replica: Replica | None = None,
+                     model: torch.nn.Module | None = None) -> ModelState:
+        t0 = time.perf_counter()
+        ckpt = None
+        if model is None:
+            ckpt = load_checkpoint(mv.checkpoint_path, device=self.device)
+            if ckpt.sha256 != mv.checkpoint_sha256:
+                raise ValueError(f"{mv.checkpoint_path} does not hold model {mv.version} (sha256 differs)")
+            model = ckpt.model
+        calibration = load_calibration(cal_row)
+        if replica is None:
+            replica = Replica.bootstrap(self.engine, mv.version, int(mv.bits), self.snapshot_dir,
+                                        backend=self.settings.index_backend, on_visible=metrics.observe_visibility)
+        top_k = int(calibration.meta.get("top_k", self.settings.top_k))
+        detector = Detector(model, replica.index, calibration, cal_row.transform, detector=cal_row.detector,
+                            top_k=top_k, device=self.device)
+        image_size = int(ckpt.meta.image_size) if ckpt is not None else self._state.image_size  # type: ignore[union-attr]
+        log.info("model %s loaded in %.2f s", mv.version, time.perf_counter() - t0)
+        return ModelState(mv.version, int(cal_row.id), cal_row.detector, detector, calibration, replica,
+                          image_size, int(mv.bits), time.time())
+
+    # ------------------------------------------------------------------ background threads
+
+    def _sync_loop(self) -> None:
+        interval = self.settings.replica_sync_interval_ms / 1000.0
+        failures = 0
+        while not self._stop.wait(interval if failures == 0 else min(5.0, interval * 2 ** failures)):
+            state = self._state
+            if state is None:
+                continue
+            try:
+                state.replica.sync(self.engine)
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - the audit store may be down: retry with back-off
+                failures = min(failures + 1, 6)
+                log.warning("replica sync failed (%s: %s); retrying", type(exc).__name__, exc)
+                continue
+            if (time.monotonic() - self._last_snapshot >= self.settings.replica_snapshot_interval_s
+                    and state.replica.watermark > state.replica.snapshot_watermark):
+                self._last_snapshot = time.monotonic()
+                try:
+                    state.replica.save_snapshot(self.snapshot_dir)
+                except Exception:  # noqa: BLE001
+                    log.exception("could not write the index snapshot")
+
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(self.settings.model_poll_interval_s):
+            try:
+                self.refresh_model()
+            except Exception:  # noqa: BLE001
+                log.exception("could not switch to the active model; will retry")
+            try:
+                self.reencode_stragglers()
+            except Exception:  # noqa: BLE001
+                log.exception("could not re-encode images inserted under an older model")
+
+    def reencode_stragglers(self, limit: int = STRAGGLER_CHUNK) -> int:
+        """Encode, under the served version, active images that workers on an older version inserted.
+
+        Reads ``index_log`` adds of other versions past a cursor (starting where the publisher's
+        re-encoding stopped) and stores codes for the images that lack one: their ``add`` rows
+        under the served version reach every replica through the log. Returns how many were added.
+        """
+        state, cursor = self._state, self._straggler_seq
+        if state is None or cursor is None:
+            return 0
+        from sqlalchemy import and_, exists, select
+
+        from db.models import DbImage, ImageCode, IndexLog
+
+        with session_scope(self.engine) as s:
+            head = repo.max_log_seq(s)
+            if head <= cursor:
+                return 0
+            has_code = exists().where(and_(ImageCode.image_id == IndexLog.image_id,
+                                           ImageCode.model_version == state.version))
+            rows = s.execute(
+                select(IndexLog.seq, IndexLog.image_id, DbImage.image_path)
+                .join(DbImage, DbImage.id == IndexLog.image_id)
+                .where(IndexLog.seq > cursor, IndexLog.seq <= head, IndexLog.op == "add",
+                       IndexLog.model_version != state.version, DbImage.status == "active", ~has_code)
+                .order_by(IndexLog.seq).limit(limit)
+            ).all()
+        next_cursor = head if len(rows) < limit else int(rows[-1][0])
+        items = [(int(i), p) for _, i, p in rows if int(i) not in self._straggler_failed]
+        added = 0
+        if items:
+            codes, failed = encode_stored(state.model, items, self.settings, state.image_size, self.device)
+            for image_id, why in failed:
+                self._straggler_failed.add(image_id)
+                log.warning("image %d cannot be re-encoded under %s: %s", image_id, state.version, why)
+            with session_scope(self.engine) as s:
+                added = repo.add_image_codes_bulk(s, state.version, codes)
+            if added:
+                log.info("re-encoded %d images inserted under an older model into %s", added, state.version)
+        if self._state is state:
+            self._straggler_seq = next_cursor
+        return added
+
+    # ------------------------------------------------------------------ requests (task threads)
+
+    @property
+    def redis(self):
+        """The broker's Redis (for ``redis_key`` image references), created on first use."""
+        if self._redis is None:
+            with self._redis_lock:
+                if self._redis is None:
+                    if not self.broker_url:
+                        return None
+                    from umcd.celeryconf import redis_from_url
+
+                    try:
+                        self._redis = redis_from_url(self.broker_url)
+                    except ValueError:  # not a Redis broker: redis_key references cannot be read
+                        return None
+        return self._redis
+
+    def handle(self, request: ScreenRequest, image_ref: Any) -> dict:
+        """Decode, batch, score, store and answer one request (runs on a task thread).
+
+        Bad input is answered here (verdict ``invalid_input``, audit rows written) and never reaches
+        the batcher. Raises NoModel when no model is published yet, and lets audit-store and Redis
+        errors through (the task retries them).
+        """
+        state = self._state
+        size = state.image_size if state is not None else DEFAULT_IMAGE_SIZE
+        try:
+            data = resolve_image_ref(image_ref, self.redis, allowed_roots=self.settings.image_roots,
+                                     max_bytes=self.settings.max_image_bytes)
+            request.image_bytes = len(data)
+            image = decode_for_model(data, self.settings, size)
+        except InvalidImage as exc:
+            return self.answer_invalid(request, exc.reason)
+        if state is None:
+            self.wait_for_model(timeout=5.0)  # raises NoModel: the task retries later
+        future = self.batcher.submit(BatchItem(request, image, data))
+        try:
+            return future.result(timeout=self.result_timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise
+
+    def answer_invalid(self, request: ScreenRequest, reason: str) -> dict:
+        """Store and return the ``invalid_input`` verdict of a request."""
+        state = self._state
+        result = invalid_result(
+            request, reason, detector=state.detector_name if state else self.settings.detector,
+            model_version=state.version if state else None, calibration_id=state.calibration_id if state else None,
+        )
+        with session_scope(self.engine) as s:
+            repo.record_request(s, **request.request_fields())
+            inserted = repo.write_verdict(s, **repo.verdict_fields_from_result(result))
+            if not inserted:
+                result = result_from_verdict(repo.row_dict(repo.get_verdict(s, request.request_id)))
+        metrics.count(request.queue, result["verdict"])
+        return result
+
+    # ------------------------------------------------------------------ batches (the batcher thread)
+
+    def _process(self, items: list[BatchItem]) -> list[dict | BaseException]:
+        """Score a batch once, store every verdict (and insertion) in one transaction, answer each item."""
+        state = self._state
+        if state is None:
+            return [NoModel("no model loaded") for _ in items]
+        images = np.stack([self._fit(it.image, state.image_size) for it in items])
+        batch = state.detector.score_batch(torch.from_numpy(images))
+        model_s = float(batch.timings.get("model", 0.0))
+        search_s = float(batch.timings.get("search", 0.0))
+        metrics.observe_batch(len(items), model_s, search_s)
+        directions = state.detector.directions
+        entries: list[tuple[BatchItem, dict, dict, bytes] | BaseException] = []
+        now = time.time()
+        for i, item in enumerate(items):
+            record = batch.record(i)
+            result = detection_result(
+                item.request, record, directions=directions, model_version=state.version,
+                calibration_id=state.calibration_id, detector=state.detector_name, batch_size=len(items),
+                model_ms=model_s * 1000.0, search_ms=search_s * 1000.0, now=now,
+            )
+            entries.append((item, result, record, bytes.fromhex(record["code"])))
+        # store the bytes of insertions before their rows point at them
+        for k, entry in enumerate(entries):
+            if isinstance(entry, tuple) and entry[0].request.kind == "insert":
+                try:
+                    path = store_image(self.artifacts, entry[0].request.request_id, entry[0].data)
+                    entry[1]["_image_path"] = str(path)
+                except Exception as exc:  # noqa: BLE001 - this item fails alone
+                    entries[k] = exc
+        good = [e for e in entries if isinstance(e, tuple)]
+        try:
+            written = self._write(state, good)
+        except Exception as exc:  # noqa: BLE001
+            if len(good) <= 1:
+                raise
+            log.warning("writing a batch of %d verdicts failed (%s: %s); writing them one by one",
+                        len(good), type(exc).__name__, exc)
+            written = {}
+            for entry in good:
+                try:
+                    written.update(self._write(state, [entry]))
+                except Exception as one_exc:  # noqa: BLE001
+                    written[entry[0].request.request_id] = one_exc
+        outcomes: list[dict | BaseException] = []
+        for item, entry in zip(items, entries):
+            outcome = entry if isinstance(entry, BaseException) else written[item.request.request_id]
+            metrics.count(item.request.queue, "error" if isinstance(outcome, BaseException) else outcome["verdict"])
+            outcomes.append(outcome)
+        return outcomes
+
+    @staticmethod
+    def _fit(image: np.ndarray, size: int) -> np.ndarray:
+        """The image at the served model's size (a model switch between decode and batch may change it)."""
+        if image.shape[-1] == size and image.shape[-2] == size:
+            return image
+        x = torch.nn.functional.interpolate(torch.from_numpy(image)[None], size=(size, size), mode="bilinear",
+                                            align_corners=False)
+        return x[0].clamp(0, 1).numpy()
+
+    def _write(self, state: ModelState, entries: list[tuple[BatchItem, dict, dict, bytes]]) -> dict[str, Any]:
+        """One transaction: request rows, insertions (active or quarantined), verdict rows.
+
+        Returns request id -> Result. A request that already had a verdict (a redelivery) returns the
+        stored one. Benign insertions join the local replica right after the commit.
+        """
+        out: dict[str, Any] = {}
+        duplicates: list[str] = []
+        local_adds: list[tuple[int, bytes]] = []
+        with session_scope(self.engine) as s:
+            for item, result, record, code in entries:
+                req = item.request
+                image_path = result.pop("_image_path", None)
+                repo.record_request(s, **req.request_fields())
+                if req.kind == "insert":
+                    benign = result["verdict"] == "benign"
+                    image_id = repo.insert_database_image(
+                        s, req.request_id, code, state.version, source=req.source, label=req.label,
+                        image_path=image_path, status="active" if benign else "quarantined",
+                        reasons=result["reasons"],
+                    )
+                    if benign:
+                        result["image_id"] = image_id
+                        local_adds.append((image_id, code))
+                fields = repo.verdict_fields_from_result(result)
+                fields["topk"] = record["topk"]  # the audit row keeps the neighbours of rejections too
+                if not repo.write_verdict(s, **fields):
+                    duplicates.append(req.request_id)
+                out[req.request_id] = result
+            for rid in duplicates:
+                out[rid] = result_from_verdict(repo.row_dict(repo.get_verdict(s, rid)))
+        for image_id, code in local_adds:
+            state.replica.add_local(image_id, code)
+        return out
+
+
+# --------------------------------------------------------------------------- the process-wide runtime
+
+_runtime: DetectionRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime(settings: Settings | None = None, broker_url: str | None = None) -> DetectionRuntime:
+    """This process's runtime, created and started on first use (in the worker process, never before a fork)."""
+    global _runtime
+    if _runtime is None:
+        with _runtime_lock:
+            if _runtime is None:
+                from umcd.settings import get_settings
+
+                _runtime = DetectionRuntime(settings or get_settings(), broker_url=broker_url).start()
+    return _runtime
+
+
+def stop_runtime() -> None:
+    """Stop this process's runtime, if one was started."""
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is not None:
+        runtime.stop()

@@ -1,0 +1,130 @@
+"""The Celery tasks of docs/CONTRACTS.md: umcd.detect, umcd.screen, umcd.train, umcd.attack, umcd.eval."""
+
+from __future__ import annotations
+
+import logging
+import random
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: retries of a request whose verdict could not be stored (audit store or Redis down): ~25 min of back-off
+TRANSIENT_MAX_RETRIES = 50
+#: retries of a request that arrived before any model was published (5 s apart: 10 minutes)
+NO_MODEL_MAX_RETRIES = 120
+NO_MODEL_COUNTDOWN_S = 5.0
+
+
+def backoff_s(retries: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential back-off with full jitter: a delay in [base/2, min(cap, base * 2**retries)] seconds."""
+    top = min(cap, base * (2 ** min(retries, 16)))
+    return random.uniform(min(base / 2, top), top)
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the fleet is unwell, try again", not "this request is bad"."""
+    import redis
+    import sqlalchemy.exc
+
+    from workers.batching import BatcherStopped
+
+    return (
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.InterfaceError,
+        sqlalchemy.exc.TimeoutError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        FutureTimeout,
+        BatcherStopped,
+    )
+
+
+def _as_epoch(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        from db.repo import as_datetime
+
+        try:
+            dt = as_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return dt.timestamp() if dt is not None else None
+
+
+def _screen(task, kind: str, request_id: str, image: Any, client: str | None, submitted_at: Any,
+            source: str | None = None, label: Any = None) -> dict:
+    import sqlalchemy.exc
+
+    from workers.results import ScreenRequest
+    from workers.runtime import NoModel, get_runtime
+
+    runtime = get_runtime(broker_url=task.app.conf.broker_url)
+    request = ScreenRequest(
+        request_id=request_id, kind=kind, worker=task.request.hostname or "unknown",
+        submitted_at=_as_epoch(submitted_at), client=client if isinstance(client, str) else None,
+        source=source if isinstance(source, str) else None,
+        label=label if isinstance(label, int) and not isinstance(label, bool) else None,
+        image_ref=next(iter(image), None) if isinstance(image, dict) and len(image) == 1 else None,
+    )
+    try:
+        return runtime.handle(request, image)
+    except NoModel as exc:
+        raise task.retry(exc=exc, countdown=NO_MODEL_COUNTDOWN_S, max_retries=NO_MODEL_MAX_RETRIES) from None
+    except (*transient_errors(), sqlalchemy.exc.DBAPIError) as exc:
+        if isinstance(exc, sqlalchemy.exc.DBAPIError) and not isinstance(exc, transient_errors()) \
+                and not exc.connection_invalidated:
+            raise  # a real error in a statement, not an outage
+        log.warning("request %s: %s: %s; retrying (%d so far)", request_id, type(exc).__name__, exc,
+                    task.request.retries)
+        raise task.retry(exc=exc, countdown=backoff_s(task.request.retries),
+                         max_retries=TRANSIENT_MAX_RETRIES) from None
+
+
+def register_tasks(app) -> dict[str, Any]:
+    """Register every task of the contract on ``app``; returns name -> task."""
+
+    @app.task(name="umcd.detect", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def detect(self, request_id: str, image: dict, client: str | None = None, submitted_at: float | None = None,
+               **extra: Any) -> dict:
+        """Screen a query image: verdict, and top-k ids and distances when benign."""
+        return _screen(self, "query", request_id, image, client, submitted_at)
+
+    @app.task(name="umcd.screen", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def screen(self, request_id: str, image: dict, client: str | None = None, submitted_at: float | None = None,
+               source: str | None = None, label: int | None = None, **extra: Any) -> dict:
+        """Screen an insertion: benign images join the database and the index, adversarial ones are quarantined."""
+        return _screen(self, "insert", request_id, image, client, submitted_at, source, label)
+
+    @app.task(name="umcd.train", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def train(self, dataset: str | None = None, bits: int | None = None, backbone: str | None = None,
+              epochs: int = 30, seed: int | None = None, target_fpr: float | None = None, publish: bool = True,
+              seed_fraction: float = 0.5, **extra: Any) -> dict:
+        """Train CSQ, save the checkpoint and (``publish``) make it the active model with its calibration."""
+        from workers.publish import train_and_publish
+
+        return train_and_publish(dataset=dataset, bits=bits, backbone=backbone, epochs=epochs, seed=seed,
+                                 target_fpr=target_fpr, publish_model=publish, seed_fraction=seed_fraction)
+
+    @app.task(name="umcd.attack", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def attack(self, attack: str, n_images: int = 100, eps: float | None = None, seed: int = 0,
+               **params: Any) -> dict:
+        """Generate an adversarial set against the active model: PNG files plus an attack_sets row."""
+        from workers.attacksets import generate_attack_set
+
+        return generate_attack_set(attack, n_images=n_images, eps=eps, seed=seed, **params)
+
+    @app.task(name="umcd.eval", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def evaluate(self, dataset: str | None = None, n_images: int | None = None, seed: int = 0,
+                 **params: Any) -> dict:
+        """Run the benchmark (core.evaluation.run_benchmark) and record it in eval_runs."""
+        from workers.evalrun import run_eval
+
+        return run_eval(dataset=dataset, n_images=n_images, seed=seed, **params)
+
+    return {t.name: t for t in (detect, screen, train, attack, evaluate)}
