@@ -56,16 +56,18 @@ class Client:
     request id. Images up to ``settings.inline_image_limit`` bytes travel inline (base64);
     larger ones are stored in the broker's Redis under ``umcd:img:<request_id>`` for
     ``settings.image_ref_ttl_s`` seconds. Sending retries with back-off while the broker is down
-    and raises :class:`BrokerUnavailable` after ``retry_policy`` is exhausted.
+    and raises :class:`BrokerUnavailable` after ``retry_policy`` is exhausted. With no
+    ``broker_url``, the embedded broker under ``artifacts`` is started unless one is live there
+    (``start_embedded``); it outlives this client (``umcd.embedded.stop_stale`` stops it).
     """
 
     def __init__(self, settings: Settings | None = None, *, app: Any = None, redis_client: Any = None,
-                 retry_policy: dict[str, float] | None = None) -> None:
+                 retry_policy: dict[str, float] | None = None, start_embedded: bool = True) -> None:
         self.settings = settings or get_settings()
         if app is None:
             from umcd.celeryconf import make_celery
 
-            app = make_celery(self.settings, name="umcd-producer")
+            app = make_celery(self.settings, name="umcd-producer", start_embedded=start_embedded)
         self.app = app
         self._redis = redis_client
         self.retry_policy = dict(retry_policy or DEFAULT_RETRY_POLICY)

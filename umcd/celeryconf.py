@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from celery.backends.redis import RedisBackend
@@ -35,18 +36,21 @@ VISIBILITY_TIMEOUT_S = 600
 RESULT_EXPIRES_S = 24 * 3600
 
 
-def broker_urls(settings: Settings) -> tuple[str, str]:
+def broker_urls(settings: Settings, *, start_embedded: bool = False) -> tuple[str, str]:
     """(broker URL, result backend URL) for these settings.
 
-    ``broker_url`` None means the embedded broker under ``settings.artifacts`` (started here if
-    no live one answers there; see :mod:`umcd.embedded`). ``result_backend`` None means the
-    broker's Redis.
+    ``broker_url`` None means the embedded broker on ``settings.artifacts/redis.sock`` (see
+    :mod:`umcd.embedded`); it is started (or a live one reused) only with ``start_embedded``.
+    ``result_backend`` None means the broker's Redis.
     """
+    from umcd.embedded import ensure_embedded, socket_url
+
     broker = settings.broker_url
     if broker is None:
-        from umcd.embedded import ensure_embedded
-
-        broker = ensure_embedded(settings.artifacts).url
+        if start_embedded:
+            broker = ensure_embedded(settings.artifacts).url
+        else:
+            broker = socket_url(Path(settings.artifacts) / "redis.sock")
     backend = settings.result_backend or broker
     return broker, backend
 
@@ -109,16 +113,20 @@ class FleetRedisBackend(RedisBackend):
         return None
 
 
-def make_celery(settings: Settings | None = None, *, name: str = "umcd") -> celery.Celery:
+def make_celery(settings: Settings | None = None, *, name: str = "umcd",
+                start_embedded: bool = False) -> celery.Celery:
     """A Celery app configured from ``settings`` (default: :func:`umcd.settings.get_settings`).
 
     Producers use it as is and send tasks by name (``app.send_task("umcd.detect", ...)``);
-    workers register their tasks on it. Nothing here imports torch.
+    workers register their tasks on it. Nothing here imports torch. Building the app starts
+    nothing: with no ``broker_url`` it points at the embedded broker's socket under
+    ``artifacts``, and ``start_embedded=True`` also starts that broker if none is live there
+    (a worker or producer entry point does this; importing a module that builds the app must not).
     """
     import celery
 
     settings = settings or get_settings()
-    broker, backend = broker_urls(settings)
+    broker, backend = broker_urls(settings, start_embedded=start_embedded)
     app = celery.Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings, broker, backend))
     # redis:// rediss:// redis+socket:// result backends use FleetRedisBackend (per app, not global)

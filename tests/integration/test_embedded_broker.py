@@ -111,6 +111,20 @@ def test_celery_round_trips_over_the_embedded_broker_and_pickle_is_refused(artif
     assert not broker.socket_path.exists()
 
 
+def test_make_celery_starts_the_embedded_broker_only_when_asked(artifacts):
+    settings = Settings(artifacts=artifacts, broker_url=None)
+    app = make_celery(settings)
+    assert app.conf.broker_url == f"redis+socket://{artifacts.resolve()}/redis.sock"
+    assert not (artifacts / "redis.pid").exists()  # building an app starts nothing
+    started = make_celery(settings, start_embedded=True)
+    try:
+        assert started.conf.broker_url == app.conf.broker_url
+        assert started.conf.result_backend == app.conf.broker_url
+        assert redis_from_url(started.conf.broker_url).ping()
+    finally:
+        assert stop_stale(artifacts) is not None
+
+
 def test_stop_kills_the_server_and_removes_its_runtime_files(artifacts):
     broker = EmbeddedRedis(artifacts).start()
     pid = broker.pid
