@@ -7,6 +7,8 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import textwrap
 import urllib.error
@@ -17,6 +19,8 @@ import psutil
 import pytest
 
 from umcd.fleet import Fleet, FleetError, postgres_bin_dir, read_env_file
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -117,6 +121,19 @@ def port_open(port: int) -> bool:
         return False
 
 
+def compose_healthcheck(service: str, env: dict[str, str], *replace: tuple[str, str]) -> int:
+    """Exit code of a compose service's health check run here (``$$`` is compose's ``$``), after ``replace``."""
+    import yaml
+
+    test = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"][service]["healthcheck"]["test"]
+    argv = ["sh", "-c", test[1]] if test[0] == "CMD-SHELL" else test[1:]
+    argv = [arg.replace("$$", "$") for arg in argv]
+    for old, new in replace:
+        assert any(old in arg for arg in argv), (old, argv)
+        argv = [arg.replace(old, new) for arg in argv]
+    return subprocess.run(argv, env=env, timeout=60, capture_output=True).returncode
+
+
 def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
     request = urllib.request.Request(url)
     if auth:
@@ -193,6 +210,20 @@ def test_fleet_up_starts_every_service_and_down_leaves_no_process(artifacts, pro
         assert http_status(flower.url + "/healthcheck") == 200
         assert http_status(flower.url + "/workers") == 401
         assert http_status(flower.url + "/workers", auth=(secrets_["FLOWER_USER"], secrets_["FLOWER_PASSWORD"])) == 200
+
+        # the health checks of docker-compose.yml, run against the same servers (Docker sets HOSTNAME;
+        # `-n cpu@%h` is the cpu worker's node name under compose and here)
+        pg = state.service("postgres")
+        check_env = {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+            "HOSTNAME": socket.gethostname(), "UMCD_BROKER_URL": env["UMCD_BROKER_URL"], "PGPORT": str(pg.port),
+            "POSTGRES_USER": secrets_["POSTGRES_USER"], "POSTGRES_DB": secrets_["POSTGRES_DB"],
+        }
+        assert compose_healthcheck("postgres", check_env) == 0
+        assert compose_healthcheck("detect-worker", check_env, ("detect@", "cpu@")) == 0
+        assert compose_healthcheck("detect-worker", check_env, ("detect@", "nobody@"), ("--timeout 10", "--timeout 1")) != 0
+        assert compose_healthcheck("gateway", check_env, (":8000/", f":{gateway.port}/")) == 0
+        assert compose_healthcheck("flower", check_env, (":5555/", f":{flower.port}/")) == 0
 
         rows = fleet.status()
         assert [(r.name, r.alive) for r in rows] == [(n, True) for n in names]
@@ -309,8 +340,6 @@ def test_env_file_round_trips_any_secret_with_mode_600(tmp_path):
     assert read_env_file(path) == values
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # what a shell reads from it is the same (the file is meant for `set -a; . .env`)
-    import subprocess
-
     out = subprocess.run(
         ["bash", "-c", f"set -a; . {path}; printf '%s\\0' \"$PLAIN\" \"$SPACES\" \"$QUOTES\" \"$SHELL\" \"$EMPTY\""],
         capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]},
