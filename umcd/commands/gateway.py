@@ -38,7 +38,8 @@ def gateway(
     console = Console(stderr=True)
     if settings.api_key is None and not _is_loopback(host):
         console.print(f"[bold yellow]warning:[/] serving on {host} without an API key (set UMCD_API_KEY)")
-    console.print(f"gateway on http://{host}:{port} (docs at /docs), broker {redact_url(settings.broker_url)}")
+    broker = redact_url(settings.broker_url) if settings.broker_url else f"embedded ({settings.artifacts}/redis.sock)"
+    console.print(f"gateway on http://{host}:{port} (docs at /docs), broker {broker}")
     if workers > 1:
         uvicorn.run("producers.gateway:app", host=host, port=port, workers=workers,
                     log_level=settings.log_level.lower())
