@@ -1,0 +1,141 @@
+"""The in-worker micro-batcher: batches form under concurrency, stay bounded, and fail items one at a time."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from workers.batching import BatcherStopped, MicroBatcher
+
+
+class Recorder:
+    """A batch function that doubles numbers, records batch sizes, and can be held or poisoned."""
+
+    def __init__(self, poison: set[int] = frozenset(), fail_item: set[int] = frozenset()) -> None:
+        self.batches: list[list[int]] = []
+        self.poison = set(poison)  # an item that makes the whole batch raise
+        self.fail_item = set(fail_item)  # an item whose own outcome is an exception
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(list(items))
+        if self.poison & set(items):
+            raise RuntimeError(f"poisoned batch {items}")
+        return [ValueError(f"bad item {x}") if x in self.fail_item else 2 * x for x in items]
+
+
+def test_concurrent_submitters_share_batches_and_each_gets_its_own_result():
+    fn = Recorder()
+    fn.gate.clear()  # hold the first batch so that the others queue up behind it
+    with MicroBatcher(fn, max_size=16, max_wait_s=0.02) as batcher:
+        first = batcher.submit(-1)
+        assert fn.entered.wait(5)
+        with ThreadPoolExecutor(12) as pool:
+            futures = list(pool.map(batcher.submit, range(60)))
+        fn.gate.set()
+        assert first.result(10) == -2
+        assert [f.result(10) for f in futures] == [2 * x for x in range(60)]
+    sizes = [len(b) for b in fn.batches]
+    assert sum(sizes) == 61
+    assert max(sizes) > 1
+    assert batcher.stats.items == 61 and batcher.stats.max_size == max(sizes)
+
+
+def test_a_batch_never_exceeds_max_size():
+    fn = Recorder()
+    fn.gate.clear()
+    with MicroBatcher(fn, max_size=5, max_wait_s=0.01) as batcher:
+        futures = [batcher.submit(x) for x in range(40)]
+        fn.gate.set()
+        assert [f.result(10) for f in futures] == [2 * x for x in range(40)]
+    assert max(len(b) for b in fn.batches) == 5
+    assert sorted(x for b in fn.batches for x in b) == list(range(40))
+
+
+def test_a_lone_item_is_processed_alone_after_the_wait():
+    fn = Recorder()
+    with MicroBatcher(fn, max_size=64, max_wait_s=0.01) as batcher:
+        assert batcher.submit(21).result(10) == 42
+    assert fn.batches == [[21]]
+
+
+def test_an_item_whose_outcome_is_an_exception_fails_alone():
+    fn = Recorder(fail_item={3})
+    fn.gate.clear()
+    with MicroBatcher(fn, max_size=8, max_wait_s=0.05) as batcher:
+        futures = {x: batcher.submit(x) for x in range(6)}
+        fn.gate.set()
+        with pytest.raises(ValueError, match="bad item 3"):
+            futures[3].result(10)
+        assert {x: f.result(10) for x, f in futures.items() if x != 3} == {x: 2 * x for x in range(6) if x != 3}
+
+
+def test_a_batch_that_raises_is_retried_item_by_item_so_batch_mates_still_succeed():
+    fn = Recorder(poison={4})
+    fn.gate.clear()
+    with MicroBatcher(fn, max_size=8, max_wait_s=0.05) as batcher:
+        held = batcher.submit(100)
+        assert fn.entered.wait(5)
+        futures = {x: batcher.submit(x) for x in range(8)}
+        fn.gate.set()
+        assert held.result(10) == 200
+        with pytest.raises(RuntimeError, match="poisoned"):
+            futures[4].result(10)
+        assert all(futures[x].result(10) == 2 * x for x in range(8) if x != 4)
+    assert any(len(b) > 1 and 4 in b for b in fn.batches)  # the poisoned batch ran once as a batch
+    assert [4] in fn.batches  # and the poison item again on its own
+
+
+def test_a_batch_function_returning_the_wrong_number_of_outcomes_fails_items_not_the_thread():
+    calls = []
+
+    def short(items):
+        calls.append(list(items))
+        return [] if len(items) > 1 else [items[0] + 1]
+
+    with MicroBatcher(short, max_size=4, max_wait_s=0.05) as batcher:
+        futures = [batcher.submit(x) for x in range(3)]
+        assert [f.result(10) for f in futures] == [1, 2, 3]
+        assert batcher.submit(9).result(10) == 10  # the thread is still alive
+
+
+def test_a_failing_on_batch_callback_does_not_fail_the_batch():
+    def boom(size, seconds):
+        raise RuntimeError("metrics down")
+
+    with MicroBatcher(Recorder(), max_size=4, max_wait_s=0.0, on_batch=boom) as batcher:
+        assert batcher.submit(5).result(10) == 10
+
+
+def test_stop_fails_queued_items_and_refuses_new_ones():
+    fn = Recorder()
+    fn.gate.clear()
+    batcher = MicroBatcher(fn, max_size=1, max_wait_s=0.0).start()
+    running = batcher.submit(1)
+    assert fn.entered.wait(5)
+    queued = [batcher.submit(x) for x in range(2, 5)]
+    stopper = threading.Thread(target=batcher.stop, kwargs={"timeout": 10})
+    stopper.start()
+    fn.gate.set()
+    stopper.join(10)
+    assert running.result(10) == 2  # the batch in progress finishes
+    for f in queued:  # the rest either ran before the stop was seen or were failed by it
+        try:
+            assert f.result(10) in (4, 6, 8)
+        except BatcherStopped:
+            pass
+    with pytest.raises(BatcherStopped):
+        batcher.submit(9)
+
+
+def test_invalid_limits_are_refused():
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda items: items, max_size=0, max_wait_s=0.01)
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda items: items, max_size=4, max_wait_s=-1)
