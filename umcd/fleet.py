@@ -473,6 +473,7 @@ class Fleet:
     def _child_env(self, client: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in self.env.items() if not _SCRUBBED_ENV.match(k)}
         env.update(client)
+        env["UMCD_FLEET"] = str(self.root)
         env["UMCD_METRICS_PORT"] = "0"
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
@@ -489,6 +490,7 @@ class Fleet:
         secret_values: list[str],
         health: str | None = None,
         log: Path | None = None,
+        cwd: Path | None = None,
     ) -> ServiceRecord:
         import psutil
 
@@ -498,7 +500,7 @@ class Fleet:
             fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} umcd fleet starts: {' '.join(shown)}\n".encode())
             fh.flush()
             proc = subprocess.Popen(
-                argv, cwd=self.workdir, env=dict(env), stdin=subprocess.DEVNULL, stdout=fh,
+                argv, cwd=cwd or self.workdir, env=dict(env), stdin=subprocess.DEVNULL, stdout=fh,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             )
         self._popen[proc.pid] = proc
@@ -534,7 +536,7 @@ class Fleet:
         ]) + "\n")
         record = self._spawn(
             "redis", "redis", [binary, str(conf)], self._child_env_minimal(), url=f"redis://:***@{LOOPBACK}:{port}/0",
-            port=port, secret_values=[password],
+            port=port, secret_values=[password], cwd=data,
         )
         deadline = time.monotonic() + 30
         while not self._redis_ping(port, password):
@@ -545,7 +547,28 @@ class Fleet:
         return record
 
     def _child_env_minimal(self) -> dict[str, str]:
-        return {k: v for k, v in self.env.items() if k in ("PATH", "LANG", "LC_ALL", "HOME", "TZ")}
+        env = {k: v for k, v in self.env.items() if k in ("PATH", "LANG", "LC_ALL", "HOME", "TZ")}
+        env["UMCD_FLEET"] = str(self.root)  # marks every process of this fleet (see `started_by`)
+        return env
+
+    def started_by(self, pid: int) -> bool:
+        """Whether process ``pid`` (alive, not a zombie) belongs to a fleet under this root.
+
+        Python processes carry ``UMCD_FLEET=<root>`` in their environment; redis-server and
+        PostgreSQL rewrite their process title over it, and are known by their working directory
+        (their data folder under the root).
+        """
+        import psutil
+
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if Path(proc.cwd()).is_relative_to(self.root):
+                return True
+            return proc.environ().get("UMCD_FLEET") == str(self.root)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            return False
 
     @staticmethod
     def _redis_ping(port: int, password: str) -> bool:

@@ -225,6 +225,7 @@ def test_fleet_up_starts_every_service_and_down_leaves_no_process(artifacts, pro
         assert compose_healthcheck("gateway", check_env, (":8000/", f":{gateway.port}/")) == 0
         assert compose_healthcheck("flower", check_env, (":5555/", f":{flower.port}/")) == 0
 
+        assert {s.pid for s in state.services} <= {p.pid for p in psutil.process_iter() if fleet.started_by(p.pid)}
         rows = fleet.status()
         assert [(r.name, r.alive) for r in rows] == [(n, True) for n in names]
         assert all(r.healthy is not False for r in rows)
@@ -236,6 +237,7 @@ def test_fleet_up_starts_every_service_and_down_leaves_no_process(artifacts, pro
     assert stopped == names
     assert not fleet.state_path.exists()
     assert [s.name for s in state.services if live(s.pid)] == []
+    assert [p.pid for p in psutil.process_iter() if fleet.started_by(p.pid)] == []  # PostgreSQL's children too
     assert [s.name for s in state.services if s.port and port_open(s.port)] == []
     assert fleet.status() == []
     assert fleet.down() == []
@@ -283,8 +285,7 @@ def test_failed_up_stops_what_it_started(artifacts, probes):
     assert not fleet.state_path.exists()
     for log_name in ("redis", "detect0", "gateway"):
         assert (artifacts / "fleet" / "logs" / f"{log_name}.log").exists()
-    alive = [p for p in psutil.process_iter(["cmdline"]) if str(artifacts) in " ".join(p.info["cmdline"] or [])]
-    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    assert [p.pid for p in psutil.process_iter() if fleet.started_by(p.pid)] == []
 
 
 @needs_redis
