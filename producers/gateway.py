@@ -221,6 +221,29 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
     app.state.settings = settings
     app.state.limiter = limiter
 
+    # Prometheus: one registry per app, so several apps in one process (tests) do not collide
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from starlette.responses import Response
+
+    registry = CollectorRegistry()
+    http_requests = Counter("umcd_gateway_requests_total", "Gateway HTTP requests by route and status code",
+                            ["route", "status"], registry=registry)
+    http_latency = Histogram("umcd_gateway_latency_seconds", "Gateway request handling time", ["route"],
+                             registry=registry)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        http_requests.labels(route, str(response.status_code)).inc()
+        http_latency.labels(route).observe(time.perf_counter() - t0)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.exception_handler(BodyTooLarge)
     async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return _too_large_response(exc.limit, settings.max_image_bytes)

@@ -383,3 +383,19 @@ def test_openapi_documents_the_multipart_upload(make_gateway):
         "multipart/form-data"]["schema"]["properties"]
     assert "/v1/requests/{request_id}" in spec["paths"]
     assert gateway.get("/docs").status_code == 200
+
+
+def test_gateway_exports_prometheus_counters_by_route_and_status():
+    from fastapi.testclient import TestClient
+
+    from producers.gateway import create_app
+    from umcd.settings import Settings
+
+    app = create_app(Settings(broker_url="redis://127.0.0.1:1/0"), audit_fallback=False)
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/v1/query", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+        body = c.get("/metrics").text
+    assert 'umcd_gateway_requests_total{route="/healthz",status="200"} 1.0' in body
+    assert 'umcd_gateway_requests_total{route="/v1/query",status="415"} 1.0' in body
+    assert "umcd_gateway_latency_seconds_bucket" in body
