@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import signals
+from celery import bootsteps, signals
 
 from umcd.celeryconf import make_celery
 from umcd.settings import get_settings
@@ -37,20 +37,30 @@ def _is_prefork(worker) -> bool:
     return isinstance(pool, type) and issubclass(pool, TaskPool)
 
 
-@signals.worker_init.connect
-def _start_in_main_process(sender=None, **_):
-    """threads/solo pools: load the model in this (the only) process before consuming anything."""
-    if sender is None or getattr(sender, "app", None) is not app:
-        return
-    _configure_logging()
-    if not _serves_detection(sender):
-        return
-    if _is_prefork(sender):
-        log.warning("a prefork pool loads one model per child process; prefer `-P threads` for detection")
-        return  # worker_process_init starts it in each child, after the fork
-    from workers.runtime import get_runtime
+class DetectionRuntimeStep(bootsteps.StartStopStep):
+    """Worker bootstep: load the model and start the runtime after logging is set up and before the
+    consumer takes any message (threads/solo pools: one process, no fork). Prefork children start
+    their own in ``worker_process_init``."""
 
-    get_runtime(broker_url=app.conf.broker_url)
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.enabled = _serves_detection(worker) and not _is_prefork(worker)
+
+    def start(self, worker):
+        _configure_logging()
+        from workers.runtime import get_runtime
+
+        get_runtime(broker_url=app.conf.broker_url)
+
+    def stop(self, worker):
+        from workers.runtime import stop_runtime
+
+        stop_runtime()
+
+
+app.steps["worker"].add(DetectionRuntimeStep)
 
 
 @signals.worker_process_init.connect
@@ -71,12 +81,7 @@ def _stop(**_):
 
 
 def _configure_logging() -> None:
-    """Our loggers at UMCD_LOG_LEVEL on stderr (the app leaves the root logger to whoever runs it)."""
+    """Our loggers at UMCD_LOG_LEVEL (Celery's worker logging handles the output)."""
     level = getattr(logging, str(get_settings().log_level).upper(), logging.INFO)
     for name in ("workers", "db", "core"):
-        logger = logging.getLogger(name)
-        logger.setLevel(level)
-        if not logger.handlers and not logging.getLogger().handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s/%(threadName)s] %(name)s: %(message)s"))
-            logger.addHandler(handler)
+        logging.getLogger(name).setLevel(level)
