@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -39,28 +38,36 @@ def _jsonable(value: Any) -> Any:
 
 def run_eval(dataset: str | None = None, n_images: int | None = None, seed: int = 0, *,
              settings: Settings | None = None, **params: Any) -> dict[str, Any]:
-    """Run the benchmark with these parameters; returns ``{eval_run_id, report_dir}``.
+    """Run the benchmark with these parameters; returns ``{eval_run_id, report_dir, model_version}``.
 
-    The run is recorded as ``running`` first and then ``done`` with its results (or ``failed`` with
-    the error). The report goes to ``artifacts/reports/eval-<id>`` unless ``report_dir`` is given.
-    Keyword arguments that ``run_benchmark`` does not take are recorded but not passed.
+    ``params`` are ``core.evaluation.BenchmarkConfig`` fields (``steps``, ``n_cw``, ``epochs``, ...)
+    plus ``report_dir``. Without a ``checkpoint``, the benchmark evaluates the active model version
+    (the one the fleet serves); with none published, it trains its own. The run is recorded as
+    ``running`` first and then ``done`` with its results (or ``failed`` with the error). The report
+    goes to ``artifacts/reports/eval-<id>`` unless ``report_dir`` is given.
     """
     settings = settings or get_settings()
     run_benchmark = _benchmark()
     dataset = dataset or settings.dataset
     engine = make_engine(settings.db_url)
-    record = {"n_images": n_images, "seed": seed, **params}
+    model_version = None
+    if params.get("checkpoint") is None:
+        params.pop("checkpoint", None)
+        with session_scope(engine) as s:
+            active = repo.active_model_version(s)
+            if active is not None and active.dataset == dataset:
+                params["checkpoint"] = active.checkpoint_path
+                model_version = active.version
+    report_dir = params.pop("report_dir", None)
+    record = {"n_images": n_images, "seed": seed, "model_version": model_version, **params}
     with session_scope(engine) as s:
         run_id = repo.start_eval_run(s, dataset, _jsonable(record))
-    report_dir = Path(params.pop("report_dir", None) or Path(settings.artifacts) / "reports" / f"eval-{run_id}")
-    kwargs = {"dataset": dataset, "n_images": n_images, "seed": seed, "report_dir": report_dir,
-              "out_dir": report_dir, **params}
-    signature = inspect.signature(run_benchmark)
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    report_dir = Path(report_dir or Path(settings.artifacts) / "reports" / f"eval-{run_id}")
+    kwargs = {"out_dir": report_dir, "name": f"eval-{run_id}", "progress": False, **params}
+    if n_images is not None:
+        kwargs["n_images"] = n_images
     try:
-        results = run_benchmark(**kwargs)
+        results = run_benchmark(dataset, seed=seed, **kwargs)
     except BaseException as exc:
         with session_scope(engine) as s:
             repo.finish_eval_run(s, run_id, {"error": f"{type(exc).__name__}: {exc}"}, str(report_dir), "failed")
@@ -68,4 +75,4 @@ def run_eval(dataset: str | None = None, n_images: int | None = None, seed: int 
     with session_scope(engine) as s:
         repo.finish_eval_run(s, run_id, _jsonable(results), str(report_dir), "done")
     log.info("eval run %d done; report in %s", run_id, report_dir)
-    return {"eval_run_id": run_id, "report_dir": str(report_dir)}
+    return {"eval_run_id": run_id, "report_dir": str(report_dir), "model_version": model_version}
