@@ -50,6 +50,12 @@ class MicroBatcher(Generic[T, R]):
     is retried alone, so a poison item fails by itself and its batch-mates still get their results.
 
     ``submit(item)`` returns a ``concurrent.futures.Future`` resolved with that item's outcome.
+
+    Why not celery-batches: its 0.11 release pins ``celery<5.7`` (we run 5.7), and a late-acked
+    batch task is acked as a whole even when it raises, so one failure loses or fails every message
+    of the batch. Here each Celery message stays one task on a ``threads`` pool thread: it waits on
+    its own future, returns its own Result, retries on its own, and is acked only when its verdict
+    is stored; only the model call is shared.
     """
 
     def __init__(

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -485,6 +484,28 @@ def test_a_redelivered_request_keeps_its_first_verdict_and_gets_no_second_row(fl
 
     with session_scope(fleet.db_url) as s:
         assert s.execute(select(func.count()).select_from(DbImage).where(DbImage.request_id == rid)).scalar() == 1
+
+
+def test_an_attack_set_is_stored_as_uint8_pngs_with_a_row_and_its_images_get_verdicts(fleet):
+    from db.models import AttackSet
+    from db.session import session_scope
+    from workers.attacksets import generate_attack_set
+
+    out = generate_attack_set("pgd_untargeted", n_images=6, eps=16, seed=1, steps=10, settings=fleet.settings)
+    folder = Path(out["path"])
+    files = sorted(folder.glob("*.png"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert folder.parent == (fleet.artifacts / "attacks").resolve() and folder.name == str(out["attack_set_id"])
+    assert len(files) == len(manifest["images"]) == out["n_images"] == 6
+    with session_scope(fleet.db_url) as s:
+        row = s.get(AttackSet, out["attack_set_id"])
+        assert row.path == str(folder) and row.attack == "pgd_untargeted" and row.n_images == 6
+        assert row.model_version == fleet.published.model_version
+        assert row.success_rate == out["success_rate"] == pytest.approx(
+            np.mean([m["success"] for m in manifest["images"]]))
+    ids = fleet.client.submit_queries(files)  # uploaded as an attacker would: uint8 PNG files
+    results = fleet.client.wait(ids, timeout=60)
+    assert len(results) == 6 and {r.verdict for r in results.values()} <= {"benign", "adversarial"}
 
 
 def test_workers_switch_to_a_newly_published_model_without_a_restart(fleet, query_pngs):
