@@ -350,6 +350,57 @@ class DetectionRuntime:
             future.cancel()
             raise
 
+    def handle_many(self, requests: list[ScreenRequest], image_refs: list[Any]) -> list[dict | BaseException]:
+        """Decode, score, store and answer several requests of one message (runs on a task thread).
+
+        Every decoded image goes to the batcher at once, so the images of a message share model
+        batches (of up to ``batch_max_size``) and one audit-store transaction per batch. Returns one
+        outcome per request, in order: its Result, or the exception that stopped it (``NoModel``
+        when no model is published, audit-store or Redis errors, ``TimeoutError`` when its batch
+        did not answer within ``result_timeout_s``). Never raises for one request's sake: bad input
+        gets its ``invalid_input`` Result as in :meth:`handle`.
+        """
+        outcomes: list[dict | BaseException | None] = [None] * len(requests)
+        state = self._state
+        size = state.image_size if state is not None else DEFAULT_IMAGE_SIZE
+        decoded: list[tuple[int, BatchItem]] = []
+        for i, (request, ref) in enumerate(zip(requests, image_refs)):
+            try:
+                data = resolve_image_ref(ref, self.redis, allowed_roots=self.settings.image_roots,
+                                         max_bytes=self.settings.max_image_bytes)
+                request.image_bytes = len(data)
+                decoded.append((i, BatchItem(request, decode_for_model(data, self.settings, size), data)))
+            except InvalidImage as exc:
+                try:
+                    outcomes[i] = self.answer_invalid(request, exc.reason)
+                except Exception as store_exc:  # noqa: BLE001 - this request fails alone
+                    outcomes[i] = store_exc
+            except Exception as exc:  # noqa: BLE001 - e.g. Redis down while reading a redis_key image
+                outcomes[i] = exc
+        if decoded and state is None:
+            try:
+                self.wait_for_model(timeout=5.0)
+            except NoModel as exc:
+                for i, _ in decoded:
+                    outcomes[i] = exc
+                return outcomes  # type: ignore[return-value]
+        futures = []
+        for i, item in decoded:
+            try:
+                futures.append((i, self.batcher.submit(item)))
+            except Exception as exc:  # noqa: BLE001 - BatcherStopped: a shutdown; the task retries
+                outcomes[i] = exc
+        deadline = time.monotonic() + self.result_timeout_s
+        for i, future in futures:
+            try:
+                outcomes[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout as exc:
+                future.cancel()
+                outcomes[i] = exc
+            except Exception as exc:  # noqa: BLE001 - the batcher failed this item alone
+                outcomes[i] = exc
+        return outcomes  # type: ignore[return-value]
+
     def answer_invalid(self, request: ScreenRequest, reason: str) -> dict:
         """Store and return the ``invalid_input`` verdict of a request."""
         state = self._state

@@ -1,4 +1,4 @@
-"""The Celery tasks of docs/CONTRACTS.md: umcd.detect, umcd.screen, umcd.train, umcd.attack, umcd.eval."""
+"""The Celery tasks of docs/CONTRACTS.md: umcd.detect, umcd.screen (and their _batch forms), train, attack, eval."""
 
 from __future__ import annotations
 
@@ -101,6 +101,22 @@ def register_tasks(app) -> dict[str, Any]:
         """Screen an insertion: benign images join the database and the index, adversarial ones are quarantined."""
         return _screen(self, "insert", request_id, image, client, submitted_at, source, label)
 
+    @app.task(name="umcd.detect_batch", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def detect_batch(self, items: list, client: str | None = None, submitted_at: float | None = None,
+                     **extra: Any) -> dict:
+        """Screen many query images of one message; each gets its own verdict row and stored Result."""
+        from workers.batchtasks import screen_batch
+
+        return screen_batch(self, "query", items, client, submitted_at)
+
+    @app.task(name="umcd.screen_batch", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def screen_batch(self, items: list, client: str | None = None, submitted_at: float | None = None,
+                     source: str | None = None, label: int | None = None, **extra: Any) -> dict:
+        """Screen many insertion images of one message (benign ones join the index), each under its own id."""
+        from workers.batchtasks import screen_batch as run
+
+        return run(self, "insert", items, client, submitted_at, source, label)
+
     @app.task(name="umcd.train", bind=True, acks_late=True, reject_on_worker_lost=True)
     def train(self, dataset: str | None = None, bits: int | None = None, backbone: str | None = None,
               epochs: int = 30, seed: int | None = None, target_fpr: float | None = None, publish: bool = True,
@@ -127,4 +143,4 @@ def register_tasks(app) -> dict[str, Any]:
 
         return run_eval(dataset=dataset, n_images=n_images, seed=seed, **params)
 
-    return {t.name: t for t in (detect, screen, train, attack, evaluate)}
+    return {t.name: t for t in (detect, screen, detect_batch, screen_batch, train, attack, evaluate)}

@@ -1,0 +1,232 @@
+"""Batch submissions end to end: real redis-server, a real detection worker, SQLite audit store."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BITS = 16
+REDIS_DB = 12
+INLINE_LIMIT = 4096
+WORKER_ENV = {
+    "UMCD_BATCH_MAX_WAIT_MS": "20",
+    "UMCD_REPLICA_SYNC_INTERVAL_MS": "100",
+    "UMCD_MODEL_POLL_INTERVAL_S": "0.3",
+    "UMCD_DEVICE": "cpu",
+    "UMCD_LOG_LEVEL": "INFO",
+    "OMP_NUM_THREADS": "1",
+}
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digit_pngs() -> list[bytes]:
+    """PNG bytes of the digits query split (360 images of 32x32)."""
+    from core.datasets import load_dataset
+
+    x = load_dataset("digits", seed=0).query.get().mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    return [png(a) for a in x]
+
+
+def untrained_checkpoint(path: Path, bits: int = BITS) -> Path:
+    """A smallcnn checkpoint with random weights: every code path of a real model in no time."""
+    import torch
+
+    from core.centers import make_centers
+    from core.checkpoint import CheckpointMeta, save_checkpoint
+    from core.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("smallcnn", bits).eval()
+    centers = torch.from_numpy(make_centers(10, bits)).float()
+    save_checkpoint(path, model, centers, CheckpointMeta("smallcnn", bits, "digits", 0, 10, 32, epochs=0))
+    return path
+
+
+@dataclass
+class BatchFleet:
+    settings: object
+    client: object
+    db_url: str
+    published: object
+    proc: subprocess.Popen
+    log: Path
+    early_ids: list[str]
+
+    def logs(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def rows(self, request_ids) -> dict[str, list[dict]]:
+        """request id -> its verdict rows (a list, to see duplicates)."""
+        from sqlalchemy import select
+
+        from db.models import Verdict
+        from db.repo import row_dict
+        from db.session import session_scope
+
+        out: dict[str, list[dict]] = {rid: [] for rid in request_ids}
+        with session_scope(self.db_url) as s:
+            for row in s.scalars(select(Verdict).where(Verdict.request_id.in_(list(out)))):
+                out[row.request_id].append(row_dict(row))
+        return out
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, digit_pngs, tmp_path_factory):
+    """One detection worker started before any model exists, a batch sent then, and the model published after."""
+    import redis as redis_lib
+
+    from db.migrate import upgrade
+    from db.session import dispose_engine
+    from producers.sdk import Client
+    from umcd.commands.worker import worker_argv
+    from umcd.settings import Settings
+    from workers.publish import publish
+
+    artifacts = tmp_path_factory.mktemp("batch-fleet")
+    db_url = f"sqlite:///{artifacts / 'audit.db'}"
+    broker = redis_server.url_for(REDIS_DB)
+    redis_lib.Redis.from_url(broker).flushdb()
+    upgrade(db_url)
+    settings = Settings(artifacts=artifacts, database_url=db_url, broker_url=broker, result_backend=broker,
+                        bits=BITS, inline_image_limit=INLINE_LIMIT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UMCD_")}
+    env.update(WORKER_ENV)
+    env.update({"UMCD_BROKER_URL": broker, "UMCD_RESULT_BACKEND": broker, "UMCD_DATABASE_URL": db_url,
+                "UMCD_ARTIFACTS": str(artifacts), "UMCD_METRICS_PORT": str(free_port()),
+                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    log = artifacts / "worker.log"
+    argv = worker_argv("detect", concurrency=8, prefetch_multiplier=4, name="batch1@%h", events=False,
+                       extra=["--without-gossip", "--without-mingle"])
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    client = Client(settings)
+    try:
+        early_ids = client.submit_queries(digit_pngs[:5], batch=True)  # no model yet: the items must wait
+        deadline = time.monotonic() + 120
+        while "retrying them" not in log.read_text(errors="replace"):  # the worker sent them on for later
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        published = publish(untrained_checkpoint(artifacts / "untrained.safetensors"), settings=settings,
+                            seed_fraction=0.5)
+        yield BatchFleet(settings, client, db_url, published, proc, log, early_ids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        client.close()
+        dispose_engine(db_url)
+
+
+def test_a_batch_sent_before_any_model_was_published_is_answered_once_one_is(fleet):
+    results = fleet.client.wait(fleet.early_ids, timeout=90)
+    assert set(results) == set(fleet.early_ids), fleet.logs()
+    assert {r.model_version for r in results.values()} == {fleet.published.model_version}
+    assert all(len(rows) == 1 for rows in fleet.rows(fleet.early_ids).values())
+    assert "NoModel" in fleet.log.read_text()  # the fixture saw them sent on for later, not failed
+
+
+def test_batch_queries_get_one_result_and_one_verdict_row_each_from_shared_model_batches(fleet, digit_pngs):
+    rng = np.random.default_rng(0)
+    large = png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # over the inline limit: a redis_key
+    assert len(large) > INLINE_LIMIT
+    images = list(digit_pngs[10:130])
+    images[7] = b"this is not an image"
+    images[50] = large
+    ids = fleet.client.submit_queries(images, client="batch-test", batch=True, batch_size=40)
+    assert len(set(ids)) == 120
+    results = fleet.client.wait(ids, timeout=120)
+    assert set(results) == set(ids), fleet.logs()
+    assert results[ids[7]].verdict == "invalid_input" and "not an image" in results[ids[7]].reasons[0]
+    assert results[ids[50]].verdict in ("benign", "adversarial")
+    for i, rid in enumerate(ids):
+        r = results[rid]
+        assert r.request_id == rid and r.kind == "query"
+        if i != 7:
+            assert r.verdict in ("benign", "adversarial") and r.model_version == fleet.published.model_version
+            assert r.scores is not None and r.latency_ms["total"] >= r.latency_ms["model"] > 0
+    rows = fleet.rows(ids)
+    assert all(len(v) == 1 for v in rows.values())
+    assert {rid: v[0]["verdict"] for rid, v in rows.items()} == {rid: r.verdict for rid, r in results.items()}
+    assert max(v[0]["batch_size"] for v in rows.values()) > 1  # the images of a message share model batches
+    assert {v[0]["worker"].split("@")[0] for v in rows.values()} == {"batch1"}
+
+
+def test_a_redelivered_batch_keeps_the_first_verdicts_and_writes_no_second_row(fleet, digit_pngs):
+    ids = [f"again-{uuid.uuid4().hex[:8]}-{i}" for i in range(6)]
+    first = fleet.client.wait(fleet.client.submit_queries(digit_pngs[200:206], request_ids=ids, batch=True),
+                              timeout=60)
+    assert set(first) == set(ids), fleet.logs()
+    for rid in ids:
+        fleet.client.app.AsyncResult(rid).forget()
+    # the same request ids again, now with other images: the stored verdicts stand
+    again = fleet.client.wait(fleet.client.submit_queries(digit_pngs[300:306], request_ids=ids, batch=True),
+                              timeout=60)
+    assert {rid: r.to_dict()["scores"] for rid, r in again.items()} == \
+        {rid: r.to_dict()["scores"] for rid, r in first.items()}
+    assert all(len(v) == 1 for v in fleet.rows(ids).values())
+
+
+def test_batch_insertions_join_the_index_when_benign_and_are_quarantined_otherwise(fleet, digit_pngs):
+    from sqlalchemy import select
+
+    from db.models import DbImage, IndexLog
+    from db.session import session_scope
+
+    ids = fleet.client.submit_inserts(digit_pngs[150:170], source="batch-insert", label=2, batch=True,
+                                      batch_size=8)
+    results = fleet.client.wait(ids, timeout=90)
+    assert set(results) == set(ids), fleet.logs()
+    with session_scope(fleet.db_url) as s:
+        images = {row.request_id: row for row in s.scalars(select(DbImage).where(DbImage.request_id.in_(ids)))}
+        logged = set(s.scalars(select(IndexLog.image_id).where(IndexLog.op == "add")))
+    assert set(images) == set(ids)
+    for rid in ids:
+        r, image = results[rid], images[rid]
+        assert r.kind == "insert" and image.source == "batch-insert" and image.label == 2
+        if r.verdict == "benign":
+            assert image.status == "active" and r.image_id == image.id and image.id in logged
+        else:
+            assert image.status == "quarantined" and image.id not in logged
+    assert Counter(r.verdict for r in results.values())["benign"] > 0
+
+
+def test_items_without_a_valid_request_id_are_dropped_and_the_others_answered(fleet, digit_pngs):
+    image = {"inline": base64.b64encode(digit_pngs[0]).decode()}
+    rid, batch_id = f"ok-{uuid.uuid4().hex}", f"batch-{uuid.uuid4().hex}"
+    items = [{"image": image}, {"request_id": "spaces are not allowed", "image": image},
+             {"request_id": rid, "image": image}]
+    summary = fleet.client.app.send_task("umcd.detect_batch", kwargs={"items": items, "submitted_at": time.time()},
+                                         task_id=batch_id, queue="detect").get(timeout=60)
+    assert summary == {"items": 3, "stored": 1, "verdicts": {fleet.client.result(rid).verdict: 1}, "failed": 0,
+                       "retrying": 0, "rejected": 2}
+    assert len(fleet.rows([rid])[rid]) == 1

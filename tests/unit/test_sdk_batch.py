@@ -1,0 +1,120 @@
+"""Batch submissions on a real redis-server: how the SDK splits messages, and Results stored per request id."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from producers.sdk import BATCH_MESSAGE_BYTES, Client
+from umcd.settings import Settings
+
+BATCH_DB = 11
+
+
+def _png(side: int, seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def broker(redis_server, tmp_path):
+    """A flushed Redis database that no worker consumes, and a Client sending to it."""
+    url = redis_server.url_for(BATCH_DB)
+    raw = redis.Redis.from_url(url)
+    raw.flushdb()
+    settings = Settings(broker_url=url, result_backend=url, artifacts=tmp_path, inline_image_limit=64 * 1024,
+                        max_image_bytes=512 * 1024)
+    with Client(settings) as client:
+        yield client, raw
+    raw.flushdb()
+    raw.close()
+
+
+def _queued(raw: redis.Redis, queue: str) -> list[dict]:
+    """The messages waiting in ``queue`` (oldest first): headers and decoded kwargs."""
+    out = []
+    for payload in reversed(raw.lrange(queue, 0, -1)):  # kombu LPUSHes: the oldest is last
+        message = json.loads(payload)
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        out.append({"task": message["headers"]["task"], "id": message["headers"]["id"], "kwargs": kwargs})
+    return out
+
+
+def test_batch_queries_travel_batch_size_images_to_a_message_in_order(broker):
+    client, raw = broker
+    images = [_png(8, seed=i) for i in range(10)]
+    given = [f"q-{i}" for i in range(10)]
+    seen: list[tuple[int, str]] = []
+    ids = client.submit_queries(images, request_ids=given, client="bench", batch=True, batch_size=4,
+                                on_sent=lambda i, rid: seen.append((i, rid)))
+    assert ids == given
+    assert seen == list(enumerate(given))
+    messages = _queued(raw, "detect")
+    assert [m["task"] for m in messages] == ["umcd.detect_batch"] * 3
+    assert [len(m["kwargs"]["items"]) for m in messages] == [4, 4, 2]
+    assert [it["request_id"] for m in messages for it in m["kwargs"]["items"]] == given
+    assert len({m["id"] for m in messages}) == 3 and not set(given) & {m["id"] for m in messages}
+    first = messages[0]["kwargs"]
+    assert first["client"] == "bench" and isinstance(first["submitted_at"], float)
+    assert base64.b64decode(first["items"][0]["image"]["inline"]) == images[0]
+
+
+def test_batch_insertions_go_to_the_screen_queue_with_their_source_and_label(broker):
+    client, raw = broker
+    ids = client.submit_inserts([_png(8, seed=i) for i in range(3)], source="catalogue", label=7, batch=True)
+    (message,) = _queued(raw, "screen")
+    assert message["task"] == "umcd.screen_batch"
+    assert [it["request_id"] for it in message["kwargs"]["items"]] == ids
+    assert message["kwargs"]["source"] == "catalogue" and message["kwargs"]["label"] == 7
+    assert raw.llen("detect") == 0
+
+
+def test_a_batch_message_is_closed_before_its_inline_images_pass_the_byte_limit(broker):
+    client, raw = broker
+    image = _png(140, seed=1)  # ~59 KB of noise: inline (under 64 KiB), ~78 KB once base64-encoded
+    per_message = BATCH_MESSAGE_BYTES // len(base64.b64encode(image))
+    n = per_message + 3
+    client.submit_queries([image] * n, batch=True, batch_size=1024)
+    sizes = [len(m["kwargs"]["items"]) for m in _queued(raw, "detect")]
+    assert sizes == [per_message, 3]
+
+
+def test_bad_request_ids_and_batch_sizes_are_refused_before_anything_is_sent(broker):
+    client, raw = broker
+    with pytest.raises(ValueError, match="invalid request id"):
+        client.submit_queries([_png(8), _png(8)], request_ids=["ok", "not ok"], batch=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        client.submit_queries([_png(8)], batch=True, batch_size=0)
+    assert raw.llen("detect") == 0
+
+
+def test_results_stored_per_item_are_read_by_wait_as_results_and_errors(broker):
+    from workers.batchtasks import store_item_results
+
+    client, raw = broker
+    good = {"request_id": "r-ok", "kind": "query", "verdict": "benign", "reasons": [], "fired": [],
+            "scores": {"c1": 1.0, "c2": 2.0, "c3": 3.0}, "batch_size": 3, "worker": "w@h"}
+    pubsub = raw.pubsub()
+    pubsub.psubscribe("celery-task-meta-*")
+    pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+    store_item_results(client.app.backend, [("r-ok", good), ("r-bad", ValueError("no such image"))])
+    results = client.wait(["r-ok", "r-bad"], timeout=5)
+    assert results["r-ok"].verdict == "benign" and results["r-ok"].to_dict() == good
+    bad = results["r-bad"]
+    assert bad.verdict == "error" and len(bad.reasons) == 1  # as a umcd.detect task that raised
+    assert "ValueError" in bad.reasons[0] and "no such image" in bad.reasons[0]
+    assert client.state("r-ok") == "SUCCESS" and client.state("r-bad") == "FAILURE"
+    assert 0 < raw.ttl(client.app.backend.get_key_for_task("r-ok")) <= 24 * 3600
+    published = []
+    while (message := pubsub.get_message(timeout=1.0)) is not None:
+        published.append(message["channel"].decode())
+    assert published == ["celery-task-meta-r-ok", "celery-task-meta-r-bad"]  # what AsyncResult.get() listens to
+    pubsub.close()

@@ -1,0 +1,144 @@
+"""Batch submissions: one message carries many images, each answered under its own request id."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: images one batch message may carry (more fail as a whole: split them on the producer side)
+MAX_BATCH_ITEMS = 1024
+#: the request id rule of producers.results (workers do not import producers)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def valid_request_id(value: Any) -> bool:
+    """Whether ``value`` is a request id a client may send: 1 to 64 of ``[A-Za-z0-9._:-]``."""
+    return isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value) is not None
+
+
+def store_item_results(backend: Any, entries: list[tuple[str, dict | BaseException]]) -> None:
+    """Store each ``(request_id, Result or exception)`` in the result backend under its request id.
+
+    A Result is stored as ``SUCCESS`` and an exception as ``FAILURE``, exactly as a ``umcd.detect``
+    task with that id would leave them, so ``Client.wait(ids)`` and the gateway read them
+    unchanged. On a Redis backend all entries go in one pipeline (``SETEX`` plus the ``PUBLISH``
+    that ``AsyncResult.get()`` listens to); other backends get one ``store_result`` per entry.
+    """
+    from celery import states
+
+    if not entries:
+        return
+    prepared = []
+    for rid, outcome in entries:
+        state = states.FAILURE if isinstance(outcome, BaseException) else states.SUCCESS
+        prepared.append((rid, state, outcome))
+    client = getattr(backend, "client", None)
+    if client is None or not hasattr(client, "pipeline") or not hasattr(backend, "_get_result_meta"):
+        for rid, state, outcome in prepared:
+            backend.store_result(rid, outcome, state)
+        return
+    expires = getattr(backend, "expires", None)
+    with client.pipeline(transaction=False) as pipe:
+        for rid, state, outcome in prepared:
+            meta = backend._get_result_meta(result=backend.encode_result(outcome, state), state=state,
+                                            traceback=None, request=None)
+            meta["task_id"] = rid
+            key = backend.get_key_for_task(rid)
+            value = backend.encode(meta)
+            pipe.set(key, value, ex=int(expires) if expires else None)
+            pipe.publish(key, value)
+        pipe.execute()
+
+
+def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted_at: Any,
+                 source: str | None = None, label: Any = None) -> dict:
+    """The work of ``umcd.detect_batch`` / ``umcd.screen_batch`` on a detection worker.
+
+    ``items``: ``[{"request_id": str, "image": ImageRef}, ...]``. Every image is scored through
+    the worker's batcher (shared model batches, one audit transaction per batch, a verdict row per
+    request, idempotent on its request id); each Result is stored in the result backend under its
+    own request id once its row is committed. Items whose outcome is a transient error (audit store
+    or Redis down, no model yet) are retried as a new message holding only them; the message
+    returns (and is acked) after every item has a stored Result or was sent on for a retry.
+
+    Returns a summary: ``{"items", "stored", "verdicts": {verdict: n}, "failed", "retrying", "rejected"}``
+    (``rejected``: items without a valid request id, which cannot be answered and are only logged).
+    """
+    import sqlalchemy.exc
+
+    from workers.results import ScreenRequest
+    from workers.runtime import NoModel, get_runtime
+    from workers.tasks import (NO_MODEL_COUNTDOWN_S, NO_MODEL_MAX_RETRIES, TRANSIENT_MAX_RETRIES, _as_epoch,
+                               backoff_s, transient_errors)
+
+    if not isinstance(items, list):
+        items = []
+    good: list[dict] = []
+    rejected = 0
+    for item in items:
+        if isinstance(item, dict) and valid_request_id(item.get("request_id")):
+            good.append(item)
+        else:
+            rejected += 1
+            log.warning("batch %s: an item without a valid request id is dropped", task.request.id)
+    if len(good) > MAX_BATCH_ITEMS:
+        error = ValueError(f"a batch message holds at most {MAX_BATCH_ITEMS} images, got {len(good)}: "
+                           "send smaller batches")
+        store_item_results(task.backend, [(it["request_id"], error) for it in good])
+        return {"items": len(items), "stored": len(good), "verdicts": {}, "failed": len(good), "retrying": 0,
+                "rejected": rejected}
+
+    runtime = get_runtime(broker_url=task.app.conf.broker_url)
+    worker = task.request.hostname or "unknown"
+    when = _as_epoch(submitted_at)
+    requests = [
+        ScreenRequest(
+            request_id=it["request_id"], kind=kind, worker=worker, submitted_at=when,
+            client=client if isinstance(client, str) else None,
+            source=source if isinstance(source, str) else None,
+            label=label if isinstance(label, int) and not isinstance(label, bool) else None,
+            image_ref=next(iter(it.get("image")), None) if isinstance(it.get("image"), dict)
+            and len(it["image"]) == 1 else None,
+        )
+        for it in good
+    ]
+    outcomes = runtime.handle_many(requests, [it.get("image") for it in good])
+
+    transient = transient_errors()
+    done: list[tuple[str, dict | BaseException]] = []
+    again: list[tuple[dict, BaseException]] = []
+    for item, outcome in zip(good, outcomes):
+        if isinstance(outcome, (NoModel, *transient)) or (
+                isinstance(outcome, sqlalchemy.exc.DBAPIError) and outcome.connection_invalidated):
+            again.append((item, outcome))
+        else:
+            done.append((item["request_id"], outcome))
+    no_model = any(isinstance(exc, NoModel) for _, exc in again)
+    retries = task.request.retries or 0
+    max_retries = NO_MODEL_MAX_RETRIES if no_model else TRANSIENT_MAX_RETRIES
+    if again and retries >= max_retries:  # out of retries: these items fail with their last error
+        done += [(item["request_id"], exc) for item, exc in again]
+        again = []
+    try:
+        store_item_results(task.backend, done)
+    except transient as exc:  # the verdicts are committed: a redelivery answers from the audit store
+        log.warning("batch %s: storing %d results failed (%s: %s); retrying the message", task.request.id,
+                    len(done), type(exc).__name__, exc)
+        raise task.retry(countdown=backoff_s(retries), max_retries=TRANSIENT_MAX_RETRIES, exc=exc) from None
+    summary = {
+        "items": len(items), "stored": len(done),
+        "verdicts": dict(Counter(o["verdict"] for _, o in done if isinstance(o, dict))),
+        "failed": sum(isinstance(o, BaseException) for _, o in done), "retrying": len(again), "rejected": rejected,
+    }
+    if again:
+        first = again[0][1]
+        log.warning("batch %s: %d of %d items hit %s: %s; retrying them (%d so far)", task.request.id, len(again),
+                    len(good), type(first).__name__, first, retries)
+        countdown = NO_MODEL_COUNTDOWN_S if no_model else backoff_s(retries)
+        kwargs = {**(task.request.kwargs or {}), "items": [item for item, _ in again]}
+        raise task.retry(kwargs=kwargs, countdown=countdown, max_retries=max_retries, exc=first)
+    return summary
