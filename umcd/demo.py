@@ -552,6 +552,7 @@ class Demo:
             self.con.print(f"  {db_env} .venv/bin/{cmd}")
 
     def shutdown(self) -> None:
+        self.summary["pids"] = self.procs.pids + ([self.broker.pid] if self.broker is not None and self.broker.pid else [])
         self.procs.stop_all()
         if self.broker is not None:
             self.broker.stop()
