@@ -1,0 +1,57 @@
+"""`umcd bench fleet` on tiny sizes: real redis-server and two detection workers, the JSON and PNG it writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import psutil
+import pytest
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(400),
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
+]
+
+ROW_KEYS = {"mode", "images", "images_per_s", "p50_ms", "p95_ms", "p99_ms"}
+MODES = ["in_process_batch1", "in_process_batch16", "fleet_single_open_loop", "fleet_batch_open_loop",
+         "fleet_single_saturation", "fleet_batch_saturation"]
+
+
+def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answered_and_stored(tmp_path):
+    from umcd.bench.fleet import QUICK, run_fleet_bench
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = run_fleet_bench(tmp_path / "artifacts", tmp_path / "out", quick=True)
+
+    assert result["benchmark"] == "fleet"
+    assert {"cpu_count", "torch", "loadavg_start", "loadavg_end"} <= set(result["machine"])
+    assert result["settings"]["workers"] == 2 and result["settings"]["index_size"] >= QUICK.db_codes
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows) == MODES
+    for row in result["rows"]:
+        assert ROW_KEYS <= set(row), row["mode"]
+        assert row["images"] > 0 and row["images_per_s"] > 0
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    for mode in MODES[2:]:  # the fleet: every request answered, once, and stored in the audit store
+        row = rows[mode]
+        assert row["results"] == row["images"] == row["verdict_rows"], row
+        assert row["errors"] == 0 and row["latency_missing"] == 0
+        assert set(row["verdicts"]) <= {"benign", "adversarial"}
+    assert rows["fleet_single_saturation"]["messages"] == QUICK.saturation_single
+    assert rows["fleet_batch_saturation"]["messages"] == -(-QUICK.saturation_batch // QUICK.batch_size)
+    assert rows["fleet_batch_saturation"]["mean_model_batch"] > 1
+    for mode in ("fleet_single_saturation", "fleet_batch_saturation"):
+        assert rows[mode]["ratio_to_in_process"] == pytest.approx(
+            rows[mode]["images_per_s"] / rows["in_process_batch16"]["images_per_s"])
+    assert "ratio_to_in_process" not in rows["fleet_single_open_loop"]
+    assert set(result["targets"]) == {"batch_throughput_ratio", "query_p99_ms_open_loop"}
+
+    written = json.loads((tmp_path / "out" / "fleet.json").read_text())
+    assert written == json.loads(json.dumps(result, default=float))
+    png = (tmp_path / "out" / "fleet.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == [], [p.cmdline() for p in left]  # redis-server and the workers are stopped

@@ -1,0 +1,558 @@
+"""Fleet throughput and latency (producer -> Redis -> workers -> audit store) against in-process scoring."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from umcd.bench.common import machine_info, real_codes, tile_codes, trained_model, write_json
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+#: the issue's targets on this machine class (reported, never asserted)
+TARGET_BATCH_RATIO = 0.7
+TARGET_P99_MS = 50.0
+
+
+@dataclass(frozen=True)
+class FleetBenchPlan:
+    """Sizes of one run. Rates are images per second; durations seconds."""
+
+    db_codes: int
+    workers: int
+    warmup: int
+    open_rate: float
+    open_seconds: float
+    open_batch: int  # images per message in the open-loop batch phase (same image rate)
+    saturation_single: int
+    saturation_batch: int
+    batch_size: int  # images per message in the saturation batch phase (the workers' model batch)
+    in_process_seconds: float
+    timeout_s: float
+
+
+FULL = FleetBenchPlan(db_codes=100_000, workers=2, warmup=256, open_rate=50.0, open_seconds=20.0, open_batch=5,
+                      saturation_single=3_000, saturation_batch=10_000, batch_size=64, in_process_seconds=3.0,
+                      timeout_s=300.0)
+QUICK = FleetBenchPlan(db_codes=2_000, workers=2, warmup=16, open_rate=20.0, open_seconds=1.0, open_batch=4,
+                       saturation_single=40, saturation_batch=96, batch_size=16, in_process_seconds=0.3,
+                       timeout_s=120.0)
+
+
+# --------------------------------------------------------------------------- the model and its images
+
+
+def _untrained_checkpoint(path: Path, bits: int = 16) -> Path:
+    """A smallcnn checkpoint with random weights (quick runs on a fresh clone: no training)."""
+    import torch
+
+    from core.centers import make_centers
+    from core.checkpoint import CheckpointMeta, save_checkpoint
+    from core.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("smallcnn", bits).eval()
+    centers = torch.from_numpy(make_centers(10, bits)).float()
+    save_checkpoint(path, model, centers, CheckpointMeta("smallcnn", bits, "digits", 0, 10, 32, epochs=0))
+    return path
+
+
+def _checkpoint(artifacts: Path, work: Path, quick: bool) -> tuple[Path, str]:
+    """(checkpoint path, how it was obtained): the trained 64-bit digits model; quick runs take an
+    untrained 16-bit one when no trained checkpoint exists yet."""
+    from core.pipeline import checkpoint_path
+
+    trained = checkpoint_path(artifacts, "digits", 64, "smallcnn")
+    if quick and not trained.is_file():
+        return _untrained_checkpoint(work / "untrained-16.safetensors"), "untrained smallcnn, 16 bits (quick)"
+    ck = trained_model(artifacts)  # trains and saves it when missing
+    return Path(ck.path), f"trained smallcnn, {ck.meta.bits} bits, digits"
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[tuple[bytes, ...], np.ndarray]:
+    """The digits query split as PNG bytes and as (n, 3, 32, 32) float32 in [0, 1] (the same pixels)."""
+    import io
+
+    from PIL import Image
+
+    from core.datasets import load_dataset
+
+    pixels = load_dataset("digits", seed=0).query.get().mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    pngs = []
+    for a in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(a, mode="RGB").save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    return tuple(pngs), pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+def _query_pngs(n: int) -> list[bytes]:
+    """``n`` digits query images as PNG bytes (the split cycled)."""
+    pngs = _digits()[0]
+    return [pngs[i % len(pngs)] for i in range(n)]
+
+
+def _percentiles(values_ms: list[float]) -> dict[str, float | None]:
+    if not values_ms:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    a = np.asarray(values_ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
+
+
+# --------------------------------------------------------------------------- in-process baseline
+
+
+def _in_process_rows(detector, images: np.ndarray, batch_sizes: tuple[int, ...], seconds: float,
+                     threads: tuple[int, ...]) -> list[dict]:
+    """``Detector.score_batch`` on tensors in this process at each batch size, with each torch thread
+    count in ``threads``; a row keeps the fastest count (the strongest baseline) and the others' rates."""
+    import torch
+
+    default = torch.get_num_threads()
+    rows = []
+    try:
+        for bs in batch_sizes:
+            x = torch.from_numpy(np.resize(images, (bs, *images.shape[1:])).copy())
+            runs = {}
+            for n in threads:
+                torch.set_num_threads(n)
+                for _ in range(3):
+                    detector.score_batch(x)
+                times = []
+                start = time.perf_counter()
+                while time.perf_counter() - start < seconds or len(times) < 5:
+                    t0 = time.perf_counter()
+                    detector.score_batch(x)
+                    times.append(time.perf_counter() - t0)
+                runs[n] = times
+            rates = {n: bs * len(t) / sum(t) for n, t in runs.items()}
+            best = max(rates, key=rates.get)
+            rows.append({"batch_size": bs, "threads": best, "images": bs * len(runs[best]),
+                         "images_per_s": rates[best], "images_per_s_by_threads": rates,
+                         "latencies_ms": [1e3 * t for t in runs[best]]})
+    finally:
+        torch.set_num_threads(default)
+    return rows
+
+
+# --------------------------------------------------------------------------- result arrivals
+
+
+class ResultListener:
+    """Records when each Result reaches the result backend, as the producer sees it.
+
+    Celery's Redis backend PUBLISHes every stored state on the channel named after its key
+    (``celery-task-meta-<id>``); this thread subscribes to the pattern and stamps each ready
+    state (SUCCESS, FAILURE) with ``time.perf_counter()`` on arrival. STARTED and RETRY are ignored.
+    """
+
+    READY = frozenset({"SUCCESS", "FAILURE"})
+
+    def __init__(self, backend_url: str) -> None:
+        from umcd.celeryconf import redis_from_url
+
+        self.redis = redis_from_url(backend_url)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe("celery-task-meta-*")
+        self.arrived: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="umcd-bench-results", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        prefix = len("celery-task-meta-")
+        while not self._stop.is_set():
+            message = self.pubsub.get_message(timeout=0.1)
+            if message is None or message.get("type") != "pmessage":
+                continue
+            now = time.perf_counter()
+            try:
+                status = json.loads(message["data"]).get("status")
+            except (ValueError, TypeError):
+                continue
+            if status in self.READY:
+                rid = message["channel"].decode()[prefix:]
+                with self._cond:
+                    self.arrived.setdefault(rid, now)
+                    self._cond.notify_all()
+
+    def wait_for(self, ids: list[str], timeout: float) -> int:
+        """Block until every id arrived or ``timeout`` s passed; returns how many are still missing."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                missing = sum(rid not in self.arrived for rid in ids)
+                left = deadline - time.monotonic()
+                if not missing or left <= 0:
+                    return missing
+                self._cond.wait(min(left, 0.5))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.pubsub.close()
+        self.redis.close()
+
+
+# --------------------------------------------------------------------------- phases
+
+
+@dataclass
+class Phase:
+    """One measured phase: what was sent when (perf_counter seconds), by request id."""
+
+    mode: str
+    load: str
+    submission: str
+    offered_per_s: float | None
+    sent: dict[str, float]
+    messages: int
+    sender_lag_ms: float = 0.0
+
+
+def _send_single(client, ids: list[str], images: list[bytes], rate: float | None) -> tuple[dict[str, float], float]:
+    """One ``umcd.detect`` message per image; at ``rate`` images/s (open loop) or as fast as possible."""
+    sent: dict[str, float] = {}
+    lag = 0.0
+    t0 = time.perf_counter()
+    for i, (rid, image) in enumerate(zip(ids, images)):
+        if rate:
+            target = t0 + i / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            lag = max(lag, time.perf_counter() - target)
+        sent[rid] = time.perf_counter()
+        client.submit_query(image, request_id=rid, client="bench")
+    return sent, lag * 1e3
+
+
+def _send_batches(client, ids: list[str], images: list[bytes], per_message: int,
+                  rate: float | None) -> tuple[dict[str, float], int, float]:
+    """``umcd.detect_batch`` messages of ``per_message`` images; at ``rate`` images/s or as fast as possible."""
+    sent: dict[str, float] = {}
+    lag = 0.0
+    messages = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(ids), per_message):
+        chunk_ids, chunk = ids[start : start + per_message], images[start : start + per_message]
+        if rate:
+            target = t0 + start / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            lag = max(lag, time.perf_counter() - target)
+        now = time.perf_counter()
+        for rid in chunk_ids:
+            sent[rid] = now
+        client.submit_queries(chunk, request_ids=chunk_ids, client="bench", batch=True, batch_size=per_message)
+        messages += 1
+    return sent, messages, lag * 1e3
+
+
+def _verdict_stats(db_url: str, prefix: str) -> dict:
+    """Verdict rows whose request id starts with ``prefix``: count, verdicts, mean model batch size."""
+    from sqlalchemy import func, select
+
+    from db.models import Verdict
+    from db.session import session_scope
+
+    with session_scope(db_url) as s:
+        rows = s.execute(
+            select(Verdict.verdict, func.count(), func.avg(Verdict.batch_size))
+            .where(Verdict.request_id.like(f"{prefix}%")).group_by(Verdict.verdict)
+        ).all()
+    n = sum(int(c) for _, c, _ in rows)
+    mean_batch = sum(float(b or 0) * int(c) for _, c, b in rows) / n if n else None
+    return {"verdict_rows": n, "verdicts": {v: int(c) for v, c, _ in rows}, "mean_model_batch": mean_batch}
+
+
+def _phase_row(phase: Phase, listener: ResultListener, client, db_url: str, prefix: str, timeout: float) -> dict:
+    ids = list(phase.sent)
+    missing = listener.wait_for(ids, timeout)
+    arrived = {rid: listener.arrived[rid] for rid in ids if rid in listener.arrived}
+    results = client.wait(ids, timeout=5.0 if missing else 1.0)  # every Result, read back as a client would
+    lat = [1e3 * (arrived[rid] - phase.sent[rid]) for rid in ids if rid in arrived]
+    first = min(phase.sent.values())
+    last = max(arrived.values()) if arrived else first
+    span = max(last - first, 1e-9)
+    errors = sum(r.verdict == "error" for r in results.values())
+    row = {
+        "mode": phase.mode, "load": phase.load, "submission": phase.submission,
+        "offered_per_s": phase.offered_per_s, "images": len(ids), "messages": phase.messages,
+        "images_per_s": len(arrived) / span, **_percentiles(lat), "mean_ms": statistics.fmean(lat) if lat else None,
+        "results": len(results), "errors": errors, "latency_missing": len(ids) - len(arrived),
+        "sender_lag_max_ms": phase.sender_lag_ms, "seconds": span,
+    }
+    row.update(_verdict_stats(db_url, prefix))
+    row["_latencies_ms"] = lat
+    return row
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _prepare_audit_store(settings, checkpoint: Path, db_codes: int, progress: Callable[[str], None]) -> tuple:
+    """Migrate, bulk-insert ``db_codes`` real-ish codes of the model (source ``bench``), publish it.
+
+    Returns (PublishResult, the loaded checkpoint).
+    """
+    from core.checkpoint import load_checkpoint
+    from core.index import pack_codes
+    from db import repo
+    from db.migrate import upgrade
+    from db.session import session_scope
+    from workers.publish import publish
+
+    upgrade(settings.db_url)
+    ck = load_checkpoint(checkpoint)
+    base = real_codes(ck.model.eval(), min(db_codes, 20_000))
+    codes = pack_codes(tile_codes(base, db_codes, flip_bits=2))
+    progress(f"inserting {db_codes:,} database codes of model {ck.version}")
+    with session_scope(settings.db_url) as s:
+        repo.add_database_images(s, [c.tobytes() for c in codes], ck.version, source="bench")
+    progress("publishing the model (seeding, calibrating against the database)")
+    published = publish(checkpoint, settings=settings, seed_fraction=0.5)
+    return published, ck
+
+
+def _in_process_detector(published, ck, settings):
+    """A Detector over the same codes, calibration, transform and top-k the workers serve."""
+    from core.detector import Detector
+    from db.session import make_engine, session_scope
+    from db import repo
+    from workers.replica import Replica
+    from workers.runtime import load_calibration
+
+    engine = make_engine(settings.db_url)
+    replica = Replica.bootstrap(engine, published.model_version, ck.meta.bits, snapshot_dir=None)
+    with session_scope(engine) as s:
+        row = repo.get_calibration(s, published.calibration_id)
+        calibration, transform, name = load_calibration(row), row.transform, row.detector
+    top_k = int(calibration.meta.get("top_k", settings.top_k))
+    return Detector(ck.model.eval(), replica.index, calibration, transform, detector=name, top_k=top_k,
+                    device="cpu"), len(replica)
+
+
+def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Measure the fleet against in-process scoring in one run; write fleet.json and fleet.png in ``out_dir``.
+
+    Starts (and stops) Debian's redis-server and ``plan.workers`` detection workers through
+    :class:`umcd.fleet.Fleet` with a SQLite audit store in a temporary folder holding
+    ``plan.db_codes`` database codes. Rows: in-process ``Detector.score_batch`` at batch 1 and at
+    the workers' batch size; the fleet with one message per image and with batch messages, at a
+    fixed offered load (open loop) and at saturation (everything sent at once). Fleet latency is
+    client-side: from just before the submit call to the producer receiving the result backend's
+    publish of the stored Result (after the verdict row is committed).
+    """
+    import torch
+
+    from producers.sdk import Client
+    from umcd.fleet import Fleet
+    from umcd.settings import Settings
+
+    say = progress or (lambda m: log.info(m))
+    plan = QUICK if quick else FULL
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="umcd-bench-fleet-"))
+    fleet = None
+    listener = None
+    client = None
+    try:
+        bench_artifacts = work / "artifacts"
+        bench_artifacts.mkdir()
+        checkpoint, model_note = _checkpoint(Path(artifacts), work, quick)
+        db_url = f"sqlite:///{bench_artifacts / 'audit.db'}"  # where Fleet(postgres=False) points the workers
+        settings = Settings(artifacts=bench_artifacts, database_url=db_url, broker_url="redis://unused")
+        published, ck = _prepare_audit_store(settings, checkpoint, plan.db_codes, say)
+
+        say("in-process baseline: Detector.score_batch")
+        detector, index_size = _in_process_detector(published, ck, settings)
+        tensors = _digits()[1]
+        batch_sizes = (1, plan.batch_size)
+        thread_options = tuple(sorted({torch.get_num_threads(), 1}, reverse=True))
+        in_before = _in_process_rows(detector, tensors, batch_sizes, plan.in_process_seconds, thread_options)
+
+        threads = max(1, (os.cpu_count() or 1) // plan.workers)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UMCD_")}
+        env.update({"UMCD_DEVICE": "cpu", "UMCD_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(threads),
+                    "UMCD_BATCH_MAX_SIZE": str(plan.batch_size), "UMCD_MODEL_POLL_INTERVAL_S": "2",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
+        for name in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "UMCD_API_KEY"):
+            env.pop(name, None)
+        fleet = Fleet(bench_artifacts, workers=plan.workers, postgres=False, cpu_worker=False, gateway=False,
+                      flower=False, env=env, workdir=ROOT, ready_timeout_s=180.0, stop_grace_s=10.0, progress=say)
+        say(f"starting redis-server and {plan.workers} detection workers")
+        fleet.up()
+        urls = fleet.client_env()
+        client_settings = Settings(artifacts=bench_artifacts, database_url=db_url, broker_url=urls["UMCD_BROKER_URL"],
+                                   result_backend=urls["UMCD_RESULT_BACKEND"])
+        client = Client(client_settings)
+        listener = ResultListener(urls["UMCD_RESULT_BACKEND"])
+        tag = f"{int(time.time())}"
+
+        say(f"warming up with {plan.warmup} images")
+        warm = _query_pngs(plan.warmup)
+        warm_ids = [f"warm-{tag}-{i}" for i in range(plan.warmup)]
+        _send_single(client, warm_ids[: plan.warmup // 2], warm[: plan.warmup // 2], None)
+        _send_batches(client, warm_ids[plan.warmup // 2 :], warm[plan.warmup // 2 :], plan.batch_size, None)
+        listener.wait_for(warm_ids, plan.timeout_s)
+
+        rows: list[dict] = []
+        n_open = int(round(plan.open_rate * plan.open_seconds))
+        phases = [
+            ("fleet_single_open_loop", "open loop", "single", plan.open_rate, n_open, None),
+            ("fleet_batch_open_loop", "open loop", f"batch of {plan.open_batch}", plan.open_rate, n_open,
+             plan.open_batch),
+            ("fleet_single_saturation", "saturation", "single", None, plan.saturation_single, None),
+            ("fleet_batch_saturation", "saturation", f"batch of {plan.batch_size}", None, plan.saturation_batch,
+             plan.batch_size),
+        ]
+        for mode, load, submission, rate, n, per_message in phases:
+            say(f"{mode}: {n} images" + (f" at {rate:g}/s" if rate else " sent at once"))
+            prefix = f"{mode}-{tag}-"
+            ids = [f"{prefix}{i}" for i in range(n)]
+            images = _query_pngs(n)
+            if per_message is None:
+                sent, lag = _send_single(client, ids, images, rate)
+                messages = n
+            else:
+                sent, messages, lag = _send_batches(client, ids, images, per_message, rate)
+            phase = Phase(mode, load, submission, rate, sent, messages, lag)
+            rows.append(_phase_row(phase, listener, client, db_url, prefix, plan.timeout_s))
+    except BaseException:
+        log.error("the fleet benchmark failed; its servers' logs are kept in %s", work)
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+        if client is not None:
+            client.close()
+        if fleet is not None:
+            fleet.down()
+
+    say("in-process baseline again (the fleet is down)")
+    in_after = _in_process_rows(detector, tensors, batch_sizes, plan.in_process_seconds, thread_options)
+    load_end = os.getloadavg()
+    in_rows = []
+    for before, after in zip(in_before, in_after):
+        lat = before["latencies_ms"] + after["latencies_ms"]
+        rate = statistics.fmean([before["images_per_s"], after["images_per_s"]])
+        in_rows.append({
+            "mode": f"in_process_batch{before['batch_size']}", "load": "saturation",
+            "submission": f"tensor batch of {before['batch_size']}", "offered_per_s": None,
+            "images": before["images"] + after["images"], "messages": None, "images_per_s": rate,
+            "images_per_s_before": before["images_per_s"], "images_per_s_after": after["images_per_s"],
+            "torch_threads": {"before": before["threads"], "after": after["threads"]},
+            "images_per_s_by_threads": {"before": before["images_per_s_by_threads"],
+                                        "after": after["images_per_s_by_threads"]},
+            **_percentiles(lat), "mean_ms": statistics.fmean(lat), "_latencies_ms": lat,
+        })
+    reference = in_rows[-1]["images_per_s"]
+    for row in rows:
+        if row["load"] == "saturation":
+            row["ratio_to_in_process"] = row["images_per_s"] / reference
+    rows = in_rows + rows
+
+    by_mode = {r["mode"]: r for r in rows}
+    batch_ratio = by_mode["fleet_batch_saturation"]["ratio_to_in_process"]
+    open_p99 = by_mode["fleet_single_open_loop"]["p99_ms"]
+    result = {
+        "benchmark": "fleet",
+        "machine": {**machine_info("cpu"), "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in load_end]},
+        "settings": {
+            "quick": quick, "model": model_note, "model_version": published.model_version,
+            "bits": ck.meta.bits, "db_codes_inserted": plan.db_codes, "index_size": index_size,
+            "detector": detector.spec.name, "top_k": detector.top_k, "workers": plan.workers,
+            "worker_pool": "threads, concurrency 16, prefetch x4, events on (-E)",
+            "worker_torch_threads": threads, "in_process_torch_threads_tried": list(thread_options),
+            "worker_batch_max_size": plan.batch_size, "worker_batch_max_wait_ms": Settings.model_fields["batch_max_wait_ms"].default,
+            "broker": "Debian redis-server (umcd.fleet.Fleet), result backend on the same server",
+            "audit_store": "SQLite in a temporary folder",
+            "open_loop": {"rate_images_per_s": plan.open_rate, "seconds": plan.open_seconds,
+                          "batch_images_per_message": plan.open_batch},
+            "saturation": {"single_images": plan.saturation_single, "batch_images": plan.saturation_batch,
+                           "batch_images_per_message": plan.batch_size},
+            "warmup_images": plan.warmup,
+            "latency": "fleet rows: client-side, from just before the submit call (time.perf_counter in the "
+                       "producer) to the producer receiving the result backend's PUBLISH of the stored Result "
+                       "(Redis pub/sub on celery-task-meta-*; the verdict row is committed before); in-process "
+                       "rows: one score_batch call",
+            "throughput": "fleet rows: images answered / (last Result arrival - first submit); in-process rows: "
+                          "images / time inside score_batch, mean of a run before the fleet started and one "
+                          "after it stopped, each with the faster of the torch thread counts tried",
+            "ratio_to_in_process": f"images_per_s / in_process_batch{plan.batch_size} images_per_s",
+        },
+        "targets": {
+            "batch_throughput_ratio": {"target": TARGET_BATCH_RATIO, "measured": batch_ratio,
+                                       "met": bool(batch_ratio >= TARGET_BATCH_RATIO)},
+            "query_p99_ms_open_loop": {"target": TARGET_P99_MS, "rate_per_s": plan.open_rate,
+                                       "db_codes": index_size, "measured": open_p99,
+                                       "met": bool(open_p99 is not None and open_p99 <= TARGET_P99_MS)},
+        },
+        "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+    }
+    write_json(out_dir / "fleet.json", result)
+    plot_fleet(result, rows, out_dir / "fleet.png")
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def plot_fleet(result: dict, rows: list[dict], path: Path) -> None:
+    """Three panels: throughput per mode, latency percentiles per mode, latency CDFs of the fleet rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
+    names = [r["mode"].replace("fleet_", "").replace("_", "\n") for r in rows]
+    colors = ["#999999" if r["mode"].startswith("in_process") else "#1f77b4" for r in rows]
+    ax[0].bar(names, [r["images_per_s"] for r in rows], color=colors)
+    ref = next(r for r in rows if r["mode"].startswith("in_process") and r is not rows[0])["images_per_s"]
+    ax[0].axhline(TARGET_BATCH_RATIO * ref, color="k", ls=":", label=f"{TARGET_BATCH_RATIO} x in-process")
+    ax[0].set(ylabel="images / s", title="(a) throughput")
+    ax[0].legend()
+    x = np.arange(len(rows))
+    for j, (key, label) in enumerate((("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))):
+        ax[1].bar(x + (j - 1) * 0.27, [r[key] or 0 for r in rows], 0.27, label=label)
+    ax[1].axhline(TARGET_P99_MS, color="k", ls=":", label=f"{TARGET_P99_MS:g} ms")
+    ax[1].set(xticks=x, xticklabels=names, yscale="log", ylabel="ms", title="(b) latency per request (batch call)")
+    ax[1].legend()
+    for r in rows:
+        lat = np.sort(r.get("_latencies_ms") or [])
+        if r["mode"].startswith("fleet") and len(lat):
+            ax[2].plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r["mode"].replace("fleet_", ""))
+    ax[2].axvline(TARGET_P99_MS, color="k", ls=":")
+    ax[2].set(xscale="log", xlabel="ms from submit to stored Result", ylabel="fraction of requests",
+              title="(c) fleet latency CDF")
+    ax[2].legend(fontsize=8)
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.tick_params(axis="x", labelsize=8)
+    s = result["settings"]
+    fig.suptitle(f"Fleet: {s['workers']} detection workers, {s['index_size']:,} codes, {s['model']} "
+                 f"({result['machine']['cpu_count']} cores, load {result['machine']['loadavg_start'][0]:.1f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
