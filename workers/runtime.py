@@ -19,7 +19,7 @@ from core.detector import Detector
 from db import repo
 from db.session import make_engine, session_scope
 from umcd.settings import Settings
-from workers import metrics
+from workers import auditwrites, metrics
 from workers.batching import MicroBatcher
 from workers.encoding import decode_for_model, encode_stored, store_image
 from workers.imaging import InvalidImage, resolve_image_ref
@@ -480,27 +480,42 @@ class DetectionRuntime:
     def _write(self, state: ModelState, entries: list[tuple[BatchItem, dict, dict, bytes]]) -> dict[str, Any]:
         """One transaction: request rows, insertions (active or quarantined), verdict rows.
 
+        Queries' request and verdict rows go in one multi-row statement per table
+        (:mod:`workers.auditwrites`); insertions row by row (each gets its image id and log row).
         Returns request id -> Result. A request that already had a verdict (a redelivery) returns the
         stored one. Benign insertions join the local replica right after the commit.
         """
         out: dict[str, Any] = {}
         duplicates: list[str] = []
         local_adds: list[tuple[int, bytes]] = []
+        queries = [e for e in entries if e[0].request.kind != "insert"]
         with session_scope(self.engine) as s:
+            if queries:  # queries touch no index: their rows go in one multi-row statement per table
+                auditwrites.record_requests(s, [item.request.request_fields() for item, *_ in queries])
+                verdicts = []
+                for item, result, record, _ in queries:
+                    fields = repo.verdict_fields_from_result(result)
+                    fields["topk"] = record["topk"]  # the audit row keeps the neighbours of rejections too
+                    verdicts.append(fields)
+                    out[item.request.request_id] = result
+                written = auditwrites.write_verdicts(s, verdicts)
+                duplicates += [item.request.request_id for item, *_ in queries
+                               if item.request.request_id not in written]
             for item, result, record, code in entries:
                 req = item.request
+                if req.kind != "insert":
+                    continue
                 image_path = result.pop("_image_path", None)
                 repo.record_request(s, **req.request_fields())
-                if req.kind == "insert":
-                    benign = result["verdict"] == "benign"
-                    image_id = repo.insert_database_image(
-                        s, req.request_id, code, state.version, source=req.source, label=req.label,
-                        image_path=image_path, status="active" if benign else "quarantined",
-                        reasons=result["reasons"],
-                    )
-                    if benign:
-                        result["image_id"] = image_id
-                        local_adds.append((image_id, code))
+                benign = result["verdict"] == "benign"
+                image_id = repo.insert_database_image(
+                    s, req.request_id, code, state.version, source=req.source, label=req.label,
+                    image_path=image_path, status="active" if benign else "quarantined",
+                    reasons=result["reasons"],
+                )
+                if benign:
+                    result["image_id"] = image_id
+                    local_adds.append((image_id, code))
                 fields = repo.verdict_fields_from_result(result)
                 fields["topk"] = record["topk"]  # the audit row keeps the neighbours of rejections too
                 if not repo.write_verdict(s, **fields):
