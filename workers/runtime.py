@@ -515,10 +515,14 @@ class DetectionRuntime:
                 )
                 if benign:
                     result["image_id"] = image_id
-                    local_adds.append((image_id, code))
                 fields = repo.verdict_fields_from_result(result)
                 fields["topk"] = record["topk"]  # the audit row keeps the neighbours of rejections too
-                if not repo.write_verdict(s, **fields):
+                if repo.write_verdict(s, **fields):
+                    if benign:
+                        local_adds.append((image_id, code))
+                else:
+                    # a redelivery: the first delivery stored the image with its own verdict (it may have
+                    # quarantined it); only the log, never this delivery's verdict, puts it in the index
                     duplicates.append(req.request_id)
                 out[req.request_id] = result
             for rid in duplicates:
