@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,23 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.servers import free_port
+from tests.fleet_helpers import (
+    BITS,
+    Worker,
+    digits_query_pngs,
+    digits_splits,
+    png,
+    total_verdicts,
+    trained_checkpoint,
+    verdict_rows,
+)
+from tests.fleet_helpers import start_worker as _start_worker
+from tests.fleet_helpers import stop_worker as _stop_worker
+from tests.fleet_helpers import wait_ready as _wait_ready
 
-ROOT = Path(__file__).resolve().parents[2]
-BITS = 16
-EPOCHS = 3
 N_QUERIES, N_INSERTS = 300, 100
 WORKERS = ("w1", "w2")
-#: settings every test worker runs with (small batches wait, fast replica sync and model polling)
-WORKER_ENV = {
-    "UMCD_BATCH_MAX_WAIT_MS": "20",
-    "UMCD_REPLICA_SYNC_INTERVAL_MS": "100",
-    "UMCD_MODEL_POLL_INTERVAL_S": "0.5",
-    "UMCD_MAX_IMAGE_BYTES": str(256 * 1024),
-    "UMCD_DEVICE": "cpu",
-    "UMCD_LOG_LEVEL": "INFO",
-    "OMP_NUM_THREADS": "1",  # two workers and the tests share two cores
-}
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -41,66 +36,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 # --------------------------------------------------------------------------- images
 
 
-def png(pixels: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
 def digits():
-    from core.datasets import load_dataset
-
-    return load_dataset("digits", seed=0)
+    return digits_splits()
 
 
 @pytest.fixture(scope="session")
 def query_pngs(digits) -> list[bytes]:
     """PNG bytes of every image of the digits query split (in split order)."""
-    x = digits.query.get().mul(255).round().byte().permute(0, 2, 3, 1).numpy()
-    return [png(a) for a in x]
+    return digits_query_pngs()
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A small CSQ model (16 bits, 3 epochs on digits): seconds to train; accuracy is not the point."""
-    from umcd.settings import Settings
-    from workers.publish import train_checkpoint
-
-    out = tmp_path_factory.mktemp("ckpt") / "csq-digits-16.safetensors"
-    train_checkpoint(settings=Settings(artifacts=out.parent, broker_url="redis://unused"), dataset="digits",
-                     bits=BITS, epochs=EPOCHS, seed=0, device="cpu", out=out)
-    return out
+    return trained_checkpoint(tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- the fleet
-
-
-@dataclass
-class Worker:
-    name: str
-    metrics_port: int
-    log: Path
-    proc: subprocess.Popen
-
-    @property
-    def queue(self) -> str:
-        """A queue only this worker reads (tests pin requests to a worker with it)."""
-        return f"pin.{self.name}"
-
-    def metrics(self) -> dict[str, float]:
-        """The worker's umcd_* samples (name{labels} -> value) from its Prometheus endpoint."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("umcd_"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
 
 
 @dataclass
@@ -136,69 +89,6 @@ class Fleet:
             lines = w.log.read_text(errors="replace").splitlines()[-n:] if w.log.exists() else []
             out.append(f"--- {w.name} (rc={w.proc.poll()}) ---\n" + "\n".join(lines))
         return "\n".join(out)
-
-
-def _worker_env(settings, metrics_port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UMCD_")}
-    env.update(WORKER_ENV)
-    env.update({
-        "UMCD_BROKER_URL": settings.broker_url,
-        "UMCD_RESULT_BACKEND": settings.result_backend,
-        "UMCD_DATABASE_URL": settings.database_url,
-        "UMCD_ARTIFACTS": str(settings.artifacts),
-        "UMCD_METRICS_PORT": str(metrics_port),
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    })
-    return env
-
-
-def _start_worker(name: str, settings, log_dir: Path) -> Worker:
-    from umcd.commands.worker import worker_argv
-
-    port = free_port()
-    log = log_dir / f"{name}.log"
-    argv = worker_argv("detect", concurrency=16, prefetch_multiplier=4, name=f"{name}@%h",
-                       queues=f"detect,screen,pin.{name}", events=False,
-                       extra=["--without-gossip", "--without-mingle"])
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=_worker_env(settings, port), stdin=subprocess.DEVNULL,
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    return Worker(name, port, log, proc)
-
-
-def _stop_worker(worker: Worker) -> None:
-    """SIGTERM the worker's process group (warm shutdown), SIGKILL it if it lingers."""
-    if worker.proc.poll() is None:
-        try:
-            os.killpg(worker.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            worker.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(worker.proc.pid, signal.SIGKILL)  # anything left in its group
-    except ProcessLookupError:
-        pass
-    try:
-        worker.proc.wait(10)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        pass
-
-
-def _wait_ready(client, workers: dict[str, Worker], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    waiting = set(workers)
-    while waiting:
-        for w in workers.values():
-            if w.proc.poll() is not None:
-                raise RuntimeError(f"worker {w.name} exited with {w.proc.returncode}:\n"
-                                   + w.log.read_text(errors="replace")[-4000:])
-        replies = client.app.control.ping(timeout=1.0) or []
-        waiting -= {node.split("@", 1)[0] for reply in replies for node in reply}
-        if waiting and time.monotonic() > deadline:
-            raise TimeoutError(f"workers {sorted(waiting)} did not answer in {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql")])
@@ -252,32 +142,6 @@ def fleet(request, redis_server, checkpoint, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def verdict_rows(db_url: str, request_ids) -> dict[str, list[dict]]:
-    from sqlalchemy import select
-
-    from db.models import Verdict
-    from db.repo import row_dict
-    from db.session import session_scope
-
-    out: dict[str, list[dict]] = {rid: [] for rid in request_ids}
-    ids = list(out)
-    with session_scope(db_url) as s:
-        for start in range(0, len(ids), 500):
-            for row in s.scalars(select(Verdict).where(Verdict.request_id.in_(ids[start : start + 500]))):
-                out[row.request_id].append(row_dict(row))
-    return out
-
-
-def total_verdicts(db_url: str) -> int:
-    from sqlalchemy import func, select
-
-    from db.models import Verdict
-    from db.session import session_scope
-
-    with session_scope(db_url) as s:
-        return int(s.execute(select(func.count()).select_from(Verdict)).scalar())
 
 
 def gateway_post(fleet: Fleet, path: str, image: bytes, **fields) -> str:
