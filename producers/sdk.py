@@ -19,6 +19,12 @@ ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 #: the Redis key prefix of images too large to travel inline (the worker only reads these keys)
 IMAGE_KEY_PREFIX = "umcd:img:"
+#: the request ledger (a contract with workers/ledger.py): sorted set of listed message ids, and the
+#: prefix of each listed message's JSON; workers re-send a listed message nobody started for a while
+LEDGER_KEY = "umcd:ledger"
+LEDGER_PAYLOAD_PREFIX = "umcd:ledger:msg:"
+#: the tasks whose messages are listed (the screening tasks)
+LEDGER_TASKS = frozenset({"umcd.detect", "umcd.screen", "umcd.detect_batch", "umcd.screen_batch"})
 #: Celery's publish retry policy when the broker is down: ~10 s of back-off, then BrokerUnavailable
 DEFAULT_RETRY_POLICY = {"max_retries": 8, "interval_start": 0.0, "interval_step": 0.25, "interval_max": 2.0}
 _READY = frozenset({"SUCCESS", "FAILURE", "REVOKED", "REJECTED", "IGNORED"})
@@ -114,11 +120,51 @@ class Client:
         from kombu.exceptions import OperationalError
 
         options = {"queue": queue} if queue is not None else {}
+        listed = self._list_in_ledger(task, kwargs, request_id, queue)
         try:
             self.app.send_task(task, kwargs=kwargs, task_id=request_id, producer=producer,
                                retry=True, retry_policy=self.retry_policy, **options)
         except OperationalError as exc:
+            if listed:
+                self._unlist(request_id)
             raise BrokerUnavailable(f"could not send {task} {request_id}: {exc}") from exc
+
+    def _list_in_ledger(self, task: str, kwargs: dict[str, Any], message_id: str, queue: str | None) -> bool:
+        """List the message in the request ledger before it is published (see workers/ledger.py).
+
+        A worker killed right after popping a message from Redis loses it for good; workers re-send
+        listed messages that nobody started for a while. Returns False when the broker is not Redis.
+        """
+        import json
+
+        import redis
+
+        if task not in LEDGER_TASKS:
+            return False
+        try:
+            client = self.redis
+        except ValueError:  # not a Redis broker: no ledger
+            return False
+        ttl = int(self.settings.image_ref_ttl_s)
+        payload = json.dumps({"task": task, "kwargs": kwargs, "queue": queue}, separators=(",", ":"))
+        try:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.set(LEDGER_PAYLOAD_PREFIX + message_id, payload, ex=ttl)
+                pipe.zadd(LEDGER_KEY, {message_id: time.time()})
+                pipe.expire(LEDGER_KEY, ttl)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"could not list {task} {message_id} in the ledger: {exc}") from exc
+        return True
+
+    def _unlist(self, message_id: str) -> None:
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(LEDGER_KEY, message_id)
+                pipe.delete(LEDGER_PAYLOAD_PREFIX + message_id)
+                pipe.execute()
+        except Exception:  # noqa: BLE001 - the broker is down: a stale entry is re-sent later, harmlessly
+            log.debug("could not take %s off the ledger", message_id)
 
     def _submit(self, task: str, image: ImageInput, request_id: str | None, extra: dict[str, Any],
                 producer: Any = None) -> str:

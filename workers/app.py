@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import bootsteps, signals
 
@@ -53,10 +54,12 @@ class DetectionRuntimeStep(bootsteps.StartStopStep):
         from workers.runtime import get_runtime
 
         get_runtime(broker_url=app.conf.broker_url)
+        _start_redriver(getattr(worker, "hostname", None) or "worker")
 
     def stop(self, worker):
         from workers.runtime import stop_runtime
 
+        _stop_redriver()
         stop_runtime()
 
 
@@ -77,7 +80,73 @@ def _start_in_child(**_):
 def _stop(**_):
     from workers.runtime import stop_runtime
 
+    _stop_redriver()
     stop_runtime()
+
+
+# --------------------------------------------------------------------------- the request ledger (workers/ledger.py)
+
+_ledger: dict[str, object] = {}
+_ledger_lock = threading.Lock()
+
+
+def _ledger_redis():
+    """The broker's Redis for the ledger, or None when the broker is not Redis."""
+    with _ledger_lock:
+        if "redis" not in _ledger:
+            from umcd.celeryconf import redis_from_url
+
+            try:
+                _ledger["redis"] = redis_from_url(app.conf.broker_url, retries=1, socket_timeout_s=5.0)
+            except ValueError:
+                _ledger["redis"] = None
+        return _ledger["redis"]
+
+
+def _start_redriver(name: str) -> None:
+    from workers.ledger import Redriver
+
+    redis = _ledger_redis()
+    with _ledger_lock:
+        if redis is not None and "redriver" not in _ledger:
+            _ledger["redriver"] = Redriver(app, redis, name=name).start()
+
+
+def _stop_redriver() -> None:
+    with _ledger_lock:
+        redriver = _ledger.pop("redriver", None)
+    if redriver is not None:
+        redriver.stop()
+
+
+@signals.task_prerun.connect
+def _ledger_seen(task_id=None, task=None, **_):
+    """A listed message is being run: it is not lost (its entry's clock restarts)."""
+    from workers.ledger import LEDGER_TASKS, touch
+
+    if task is None or task.name not in LEDGER_TASKS or not task_id:
+        return
+    try:
+        redis = _ledger_redis()
+        if redis is not None:
+            touch(redis, task_id)
+    except Exception as exc:  # noqa: BLE001 - the ledger never fails a task: at worst a redundant re-send
+        log.debug("ledger touch of %s failed: %s", task_id, exc)
+
+
+@signals.task_postrun.connect
+def _ledger_done(task_id=None, task=None, state=None, **_):
+    """Strike a message off the ledger once its task finished for good (a retry or a reject keeps it)."""
+    from workers.ledger import LEDGER_TASKS, strike
+
+    if task is None or task.name not in LEDGER_TASKS or not task_id or state not in ("SUCCESS", "FAILURE"):
+        return
+    try:
+        redis = _ledger_redis()
+        if redis is not None:
+            strike(redis, task_id)
+    except Exception as exc:  # noqa: BLE001 - left listed: the re-drive finds its verdict stored and answers again
+        log.debug("ledger strike of %s failed: %s", task_id, exc)
 
 
 def _configure_logging() -> None:
