@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -224,20 +225,30 @@ class Phase:
     sent: dict[str, float]
     messages: int
     sender_lag_ms: float = 0.0
+    send_seconds: float = 0.0  # from the first submit to the last send's return
 
 
 def _send_single(client, ids: list[str], images: list[bytes], rate: float | None) -> tuple[dict[str, float], float]:
-    """One ``umcd.detect`` message per image; at ``rate`` images/s (open loop) or as fast as possible."""
+    """One ``umcd.detect`` message per image; at ``rate`` images/s (open loop: one ``submit_query``
+    call each) or as fast as one producer sends (``submit_queries`` over one connection).
+
+    Returns (request id -> perf_counter just before its submit began, the sender's worst lag behind
+    the schedule in ms).
+    """
     sent: dict[str, float] = {}
     lag = 0.0
+    if not rate:  # image i's submit starts when image i-1's send returned
+        marks = [time.perf_counter()]
+        client.submit_queries(images, request_ids=ids, client="bench",
+                              on_sent=lambda i, rid: marks.append(time.perf_counter()))
+        return dict(zip(ids, marks)), 0.0
     t0 = time.perf_counter()
     for i, (rid, image) in enumerate(zip(ids, images)):
-        if rate:
-            target = t0 + i / rate
-            delay = target - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            lag = max(lag, time.perf_counter() - target)
+        target = t0 + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        lag = max(lag, time.perf_counter() - target)
         sent[rid] = time.perf_counter()
         client.submit_query(image, request_id=rid, client="bench")
     return sent, lag * 1e3
@@ -298,7 +309,7 @@ def _phase_row(phase: Phase, listener: ResultListener, client, db_url: str, pref
         "offered_per_s": phase.offered_per_s, "images": len(ids), "messages": phase.messages,
         "images_per_s": len(arrived) / span, **_percentiles(lat), "mean_ms": statistics.fmean(lat) if lat else None,
         "results": len(results), "errors": errors, "latency_missing": len(ids) - len(arrived),
-        "sender_lag_max_ms": phase.sender_lag_ms, "seconds": span,
+        "sender_lag_max_ms": phase.sender_lag_ms, "send_seconds": phase.send_seconds, "seconds": span,
     }
     row.update(_verdict_stats(db_url, prefix))
     row["_latencies_ms"] = lat
@@ -335,8 +346,8 @@ def _prepare_audit_store(settings, checkpoint: Path, db_codes: int, progress: Ca
 def _in_process_detector(published, ck, settings):
     """A Detector over the same codes, calibration, transform and top-k the workers serve."""
     from core.detector import Detector
-    from db.session import make_engine, session_scope
     from db import repo
+    from db.session import make_engine, session_scope
     from workers.replica import Replica
     from workers.runtime import load_calibration
 
@@ -368,7 +379,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
     from umcd.fleet import Fleet
     from umcd.settings import Settings
 
-    say = progress or (lambda m: log.info(m))
+    say = progress or (lambda message: print(f"[bench fleet] {message}", file=sys.stderr, flush=True))
     plan = QUICK if quick else FULL
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -432,12 +443,13 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             prefix = f"{mode}-{tag}-"
             ids = [f"{prefix}{i}" for i in range(n)]
             images = _query_pngs(n)
+            t_send = time.perf_counter()
             if per_message is None:
                 sent, lag = _send_single(client, ids, images, rate)
                 messages = n
             else:
                 sent, messages, lag = _send_batches(client, ids, images, per_message, rate)
-            phase = Phase(mode, load, submission, rate, sent, messages, lag)
+            phase = Phase(mode, load, submission, rate, sent, messages, lag, time.perf_counter() - t_send)
             rows.append(_phase_row(phase, listener, client, db_url, prefix, plan.timeout_s))
     except BaseException:
         log.error("the fleet benchmark failed; its servers' logs are kept in %s", work)
