@@ -488,7 +488,15 @@ class DetectionRuntime:
         out: dict[str, Any] = {}
         duplicates: list[str] = []
         local_adds: list[tuple[int, bytes]] = []
-        queries = [e for e in entries if e[0].request.kind != "insert"]
+        queries, seen = [], set()
+        for entry in entries:  # a request id twice in one batch (a redelivery): the first one is written
+            rid = entry[0].request.request_id
+            if entry[0].request.kind != "insert":
+                if rid in seen:
+                    duplicates.append(rid)
+                else:
+                    queries.append(entry)
+            seen.add(rid)
         with session_scope(self.engine) as s:
             if queries:  # queries touch no index: their rows go in one multi-row statement per table
                 auditwrites.record_requests(s, [item.request.request_fields() for item, *_ in queries])

@@ -230,3 +230,14 @@ def test_items_without_a_valid_request_id_are_dropped_and_the_others_answered(fl
     assert summary == {"items": 3, "stored": 1, "verdicts": {fleet.client.result(rid).verdict: 1}, "failed": 0,
                        "retrying": 0, "rejected": 2}
     assert len(fleet.rows([rid])[rid]) == 1
+
+
+def test_a_request_id_twice_in_one_batch_gets_one_verdict_row_and_answers_with_it(fleet, digit_pngs):
+    rid = f"twice-{uuid.uuid4().hex}"
+    items = [{"request_id": rid, "image": {"inline": base64.b64encode(digit_pngs[k]).decode()}} for k in (1, 2)]
+    summary = fleet.client.app.send_task("umcd.detect_batch", kwargs={"items": items, "submitted_at": time.time()},
+                                         task_id=f"batch-{uuid.uuid4().hex}", queue="detect").get(timeout=60)
+    assert summary["stored"] == 2 and summary["failed"] == 0
+    (row,) = fleet.rows([rid])[rid]
+    stored = fleet.client.result(rid)
+    assert stored.verdict == row["verdict"] and stored.scores["c1"] == pytest.approx(row["c1"])
