@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -18,6 +19,42 @@ DETECT_QUEUES = ("detect", "screen")
 #: queues served by the cpu worker (one task at a time)
 CPU_QUEUES = ("train", "attack", "eval")
 
+
+
+def tolerate_collected_redis_channels() -> None:
+    """Keep a worker alive when Redis goes away while it holds unacknowledged messages (kombu/Celery 5.7).
+
+    On a broker connection error Celery first ``collect()``s the connection, which drops the
+    transport's client, then closes it. A channel whose first close was cut short by the dead
+    socket (a BRPOP in flight) then tries to restore its unacknowledged messages through the
+    dropped client: ``AttributeError: 'NoneType' object has no attribute 'hostname'`` escapes, Celery
+    logs "Unrecoverable error" and the worker stops consuming for good. Those messages are still in
+    the broker's ``unacked`` set and come back after ``visibility_timeout``, so the channel may close
+    without restoring them. Idempotent.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    close = kombu_redis.Channel.close
+    if getattr(close, "__umcd_tolerant__", False):
+        return
+
+    @functools.wraps(close)
+    def tolerant_close(self):
+        try:
+            return close(self)
+        except AttributeError:
+            if getattr(self.connection, "client", None) is not None:
+                raise
+            log.warning("broker connection lost: %d unacknowledged message(s) stay with the broker and come back "
+                        "after its visibility timeout", len(getattr(self._qos, "_delivered", None) or ()))
+            self.closed = True
+            return None
+
+    tolerant_close.__umcd_tolerant__ = True
+    kombu_redis.Channel.close = tolerant_close
+
+
+tolerate_collected_redis_channels()
 app = make_celery(name="umcd")
 tasks = register_tasks(app)
 
