@@ -242,3 +242,5 @@ class Detector:
         meta = {"detector": self.spec.name, "transforms": list(self.spec.transforms), "top_k": self.top_k, **meta}
         self.calibration = Calibration.fit(scores, self.directions, target_fpr, **meta)
         return self.calibration
+
+import core.extensions  # noqa: E402,F401  (registers the extension transforms, criteria and detectors)
