@@ -174,11 +174,29 @@ def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig) -> Attack:
     )
 
 
-def attack_plans(cfg: AdaptiveConfig) -> list[AttackPlan]:
-    """The paper's attacks, output mimicry, and one adapted attack per detector and weight."""
+def attack_signature(attack: Attack) -> tuple:
+    """What an adapted attack optimises, thresholds aside: views, EOT, feature terms (stage, view), penalty."""
+    h = attack.hyperparams
+    return (tuple(h["transforms"]), bool(h["eot_samples"]), tuple((t[0], t[1]) for t in h["feature_terms"]), h["penalty"])
+
+
+def attack_plans(cfg: AdaptiveConfig, detectors: dict[str, Detector] | None = None) -> list[AttackPlan]:
+    """The paper's attacks, output mimicry, and one adapted attack per detector and weight.
+
+    With calibrated ``detectors``, a detector whose adapted attack optimises the same terms as an
+    earlier one's (`attack_signature`; e.g. umcd-nbr's C1 variant against umcd) gets no plans of its
+    own: the earlier detector's adapted attacks are scored against it like every other attack.
+    """
     plans = [AttackPlan(f"eq13(l2={l2:g})", "eq13", "umcd", l2, {"lambda1": 0.0075, "lambda2": l2}) for l2 in cfg.eq13_lambda2]
     plans += [AttackPlan(f"mimicry(l3={l3:g})", "mimicry", "umcd", l3, {"lambda3": l3}) for l3 in cfg.mimicry_lambda3]
-    plans += [AttackPlan(f"adapted[{d}](w={w:g})", "consistent", d, w) for d in cfg.detectors for w in cfg.weights]
+    seen: set[tuple] = set()
+    for d in cfg.detectors:
+        if detectors is not None:
+            sig = attack_signature(adapted_attack(detectors[d], 1.0, cfg))
+            if sig in seen:
+                continue
+            seen.add(sig)
+        plans += [AttackPlan(f"adapted[{d}](w={w:g})", "consistent", d, w) for w in cfg.weights]
     return plans
 
 
@@ -296,8 +314,12 @@ def run_adaptive_benchmark(
     out_dir: str | Path | None = None,
     progress: bool = True,
     meta: dict | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Runs the benchmark; returns the results dict and, with ``out_dir``, writes report.md, results.json and a PNG."""
+    """Runs the benchmark; returns the results dict and, with ``out_dir``, writes report.md, results.json and a PNG.
+
+    ``log`` receives one line per finished attack run (useful when no terminal shows the progress bar).
+    """
     cfg = config or AdaptiveConfig()
     t_start = time.perf_counter()
     model.eval()
@@ -351,12 +373,15 @@ def run_adaptive_benchmark(
         t0 = time.perf_counter()
         res = attack.run(model, x[:m], targets=targets, eps=eps, seed=cfg.seed)
         secs = time.perf_counter() - t0
+        if log is not None:
+            log(f"{plan.key} at eps {eps:g} on {m} images: success {float(res.success.float().mean()):.2f}, "
+                f"{secs:.0f} s ({time.perf_counter() - t_start:.0f} s in total)")
         rejected = {
             name: {fpr: dets[name][fpr].score_batch(res.adv).adversarial for fpr in cfg.fprs} for name in cfg.detectors
         }
         return Outcome(plan, eps, res.success.cpu().numpy(), rejected, secs, view_count(attack), res.params)
 
-    plans = attack_plans(cfg)
+    plans = attack_plans(cfg, select)
     n_sweep = min(cfg.n_sweep_images, n)
     bar, task = _progress(progress, len(plans) + len(cfg.eps_sweep) * len(cfg.detectors))
     main: list[Outcome] = []

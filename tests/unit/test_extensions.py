@@ -230,6 +230,21 @@ def test_adapted_attack_reads_the_detectors_transforms_thresholds_and_randomness
     assert h["penalty"].startswith("fknn-pull") and h["lambda_penalty"] == 16.0
 
 
+def test_attack_plans_skip_a_detector_whose_adapted_attack_repeats_an_earlier_one(small_setup):
+    from core.adaptive_eval import attack_plans
+
+    model, index, benign, _ = small_setup
+    cfg = AdaptiveConfig(detectors=("umcd", "umcd-nbr", "umcd-multi"), weights=(4.0, 16.0))
+    dets = {}
+    for name in cfg.detectors:
+        dets[name] = Detector(model, index, detector=name, top_k=5)
+        dets[name].calibrate(benign[:100], 0.1)
+    keys = [p.key for p in attack_plans(cfg, dets)]
+    assert "adapted[umcd](w=16)" in keys and "adapted[umcd-multi](w=4)" in keys
+    assert not any("umcd-nbr" in k for k in keys)  # c1soft is attacked like C1: landing on the target
+    assert keys[:4] == ["eq13(l2=0.3)", "eq13(l2=3)", "mimicry(l3=0)", "mimicry(l3=1)"]
+
+
 def _outcome(key: str, success, rejected) -> Outcome:
     success = np.asarray(success, bool)
     return Outcome(AttackPlan(key, "consistent", "d", 1.0), 8.0, success, {"d": {0.1: np.asarray(rejected, bool)}}, 0.0, 1, {})

@@ -79,7 +79,8 @@ def evaluate_adaptive(
     out = out or Path(s.artifacts) / "runs" / f"adaptive-{splits.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     con.print(f"[bold]adaptive benchmark[/] {splits.describe()}; model {version}; run folder {out}")
     results = run_adaptive_benchmark(
-        model, splits, config=cfg, out_dir=out, progress=progress, meta={"model_version": version, "checkpoint": str(path)}
+        model, splits, config=cfg, out_dir=out, progress=progress, meta={"model_version": version, "checkpoint": str(path)},
+        log=lambda line: con.print(line, highlight=False),
     )
     con.print(markdown_table(results))
     con.print(f"finished in {results['seconds'] / 60:.1f} min; report: {out / 'report.md'}")
