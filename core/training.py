@@ -59,13 +59,23 @@ def train_csq(
     batch_size: int = 64,
     lr: float = 1e-3,
     quant_weight: float = 1e-4,
+    label_smoothing: float = 0.1,
     max_shift: int = 2,
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[CSQModel, torch.Tensor, list[float]]:
-    """Trains a CSQ model on `train`; returns (model in eval mode, centres (C, K), loss per epoch)."""
+    """Trains a CSQ model on `train`; returns (model in eval mode, centres (C, K), loss per epoch).
+
+    label_smoothing (default 0.1) sets the BCE targets of the centre loss to {0.05, 0.95}, so a trained
+    model's benign outputs sit near |f| = 0.9 rather than saturating tanh. Criterion C2 (quantization
+    loss) needs that: with plain {0, 1} targets (30 epochs on digits, K = 64) the C2 of benign query
+    images (the calibration half) collapsed to a median of 0.07 and a 5th percentile of 0.003, leaving
+    no room below the benign values for a "too low" test; with s = 0.1 the median is 6.2 and the 5th
+    percentile 3.4, and mAP@all went from 0.9963 to 0.9975.
+    Pass 0.0 for the published CSQ loss.
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     dev = resolve_device(device)
@@ -102,7 +112,7 @@ def train_csq(
             for s in range(steps_per_epoch):
                 idx = perm[s * batch_size : (s + 1) * batch_size]
                 x = random_shift(images[idx], max_shift, gen).to(dev)
-                loss = csq_loss(model(x), targets[idx.to(dev)], quant_weight)
+                loss = csq_loss(model(x), targets[idx.to(dev)], quant_weight, label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
