@@ -23,6 +23,15 @@ from core.baselines import (
 from core.pipeline import build_index, calibration_halves
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: many small ops (NLM) crawl when two threads share two busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def bench_setup(digits_splits, trained_digits):
     """The session's trained 64-bit model, its database index, LID references and 120 benign calibration images."""
@@ -41,7 +50,15 @@ def test_registry_holds_every_table_row():
     assert set(TABLE1_DETECTORS) <= names and set(ABLATION_DETECTORS) <= names and "lid-unsup" in names
 
 
+def _shared_rank_counts(cal, scores: dict) -> np.ndarray:
+    """Per calibration sample, the fewest benign values at least as suspicious over its criteria (cmin)."""
+    return np.rint(cal.pvalues(scores).min(1) * (cal.n_samples + 1) - 1).astype(int)
+
+
 def test_every_detector_hits_the_target_fpr_on_its_own_calibration_set(bench_setup):
+    """Single-score detectors: within one sample of the target. Joint rules (one rank shared by C1, C2, C3):
+    at most the target, and the next shared rank would overshoot it (one rank step can add one sample per
+    criterion, so the joint rule may sit up to (criteria - 1) samples under the target)."""
     model, index, refs, benign, noisy = bench_setup
     n = len(benign)
     for name in BENCHMARK_DETECTORS.names():
@@ -53,7 +70,14 @@ def test_every_detector_hits_the_target_fpr_on_its_own_calibration_set(bench_set
             cal = det.calibrate(raw, target_fpr)
             fired = det.reject(raw).mean()
             assert fired == pytest.approx(cal.calibration_fpr), name
-            assert abs(fired - target_fpr) <= 1.0 / n + 1e-12, f"{name}: FPR {fired} at target {target_fpr}"
+            assert fired <= target_fpr + 1e-12, f"{name}: FPR {fired} above target {target_fpr}"
+            if len(det.directions) == 1:
+                assert target_fpr - fired <= 1.0 / n + 1e-12, f"{name}: FPR {fired} at target {target_fpr}"
+            else:
+                cmin = _shared_rank_counts(cal, det.decision_scores(raw))
+                assert np.array_equal(cmin <= cal.rank, det.reject(raw)), name
+                assert (cmin <= cal.rank + 1).mean() > target_fpr, f"{name}: rank {cal.rank} is not the largest"
+                assert target_fpr - fired <= (len(det.directions) - 1) / n + 1e-12, name
         # scoring images directly and scoring their raw scores agree
         assert np.array_equal(det.reject(benign[:16]), det.reject({k: v[:16] for k, v in raw.items()})), name
 
