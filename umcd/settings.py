@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     replica_sync_interval_ms: float = Field(200.0, gt=0)
     model_poll_interval_s: float = Field(2.0, gt=0)
     worker_prefetch: int = Field(64, ge=1)
+    #: seconds before Redis hands an unacked message to another worker (and twice that before the
+    #: request ledger re-sends a message nobody started); longer than the longest task
+    visibility_timeout_s: float = Field(600.0, gt=0)
     replica_snapshot_interval_s: float = Field(300.0, gt=0)  # a worker rewrites artifacts/index/<version>.faiss
     image_roots: tuple[Path, ...] = (Path("/shared"),)  # directories an ImageRef {"path": ...} may point into
 
@@ -67,6 +70,7 @@ class Settings(BaseSettings):
 
     # monitoring
     metrics_port: int = 0  # 0: no Prometheus endpoint in this process
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers, where Prometheus scrapes from another host
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 

@@ -44,7 +44,9 @@ def serve(port: int) -> bool:
         if _server_port is not None:
             return True
         try:
-            start_http_server(port)
+            from umcd.settings import get_settings
+
+            start_http_server(port, addr=get_settings().metrics_host)
         except OSError as exc:
             log.error("cannot serve Prometheus metrics on port %d: %s", port, exc)
             return False
