@@ -407,8 +407,13 @@ def create_benchmark_detector(
     return BENCHMARK_DETECTORS.get(name)(model, index, references=references, top_k=top_k, seed=seed)
 
 
-def reference_images(images: torch.Tensor, n: int = 100, seed: int = 0) -> torch.Tensor:
-    """A seeded random minibatch of n benign reference images (LID's k-NN reference set)."""
+def reference_images(images, n: int = 100, seed: int = 0) -> torch.Tensor:
+    """A seeded random minibatch of n benign reference images (LID's k-NN reference set): (n, 3, H, W).
+
+    images: a (N, 3, H, W) tensor, or an ImageSet (only the chosen images are loaded).
+    """
     g = np.random.default_rng(seed + 7)
     idx = np.sort(g.choice(len(images), size=min(n, len(images)), replace=False))
-    return images[torch.as_tensor(idx)]
+    if isinstance(images, torch.Tensor):
+        return images[torch.as_tensor(idx)]
+    return images.get(idx)

@@ -39,7 +39,8 @@ from core.calibration import Calibration
 from core.datasets import DatasetSplits, load_dataset
 from core.metrics import mean_average_precision
 from core.models import sign_codes
-from core.pipeline import build_index, calibration_halves
+from core.index import HammingIndex
+from core.pipeline import calibration_halves
 from core.training import encode_set
 
 # ----------------------------------------------------------------------------------------------- paper
@@ -312,8 +313,10 @@ class Benchmark:
         cfg = self.cfg
         t0 = time.perf_counter()
         sp = self.splits
-        self.index = build_index(self.model, sp.database)
-        self.db_codes = sign_codes(encode_set(self.model, sp.database)).numpy().astype(np.int8)
+        codes = sign_codes(encode_set(self.model, sp.database))
+        self.index = HammingIndex(codes.shape[1])
+        self.index.add(codes, np.arange(len(codes)))
+        self.db_codes = codes.numpy().astype(np.int8)
         self.db_labels = sp.database.labels
         rng = np.random.default_rng(cfg.seed)
         cal_idx, held_idx = calibration_halves(len(sp.query), cfg.seed)
@@ -327,7 +330,7 @@ class Benchmark:
         # attacked images: a seeded ordering of the held-out half; smaller attacks take a prefix
         self.attack_order = rng.permutation(len(held_idx))
         self.target_labels = target_labels_for(sp, self.y_held, rng)  # per held-out position
-        refs = reference_images(sp.database.get(), cfg.n_references, cfg.seed)
+        refs = reference_images(sp.database, cfg.n_references, cfg.seed)
         names = list(dict.fromkeys([*TABLE1_DETECTORS, "lid-unsup", *ABLATION_DETECTORS]))
         self.detectors: dict[str, BenchmarkDetector] = {
             n: create_benchmark_detector(n, self.model, self.index, references=refs, top_k=cfg.top_k, seed=cfg.seed)
@@ -658,9 +661,13 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
-def _attack_title(key: str, res: dict) -> str:
-    names = {"pgd": "Untgt PGD [46]", "dhta": "Tgt DHTA [6]", "cw": "Untgt CW [10]", "pgd32": "Untgt PGD", "dhta32": "Tgt DHTA"}
-    return names.get(key, key)
+_TITLES = {"pgd": "Untgt PGD [46]", "dhta": "Tgt DHTA [6]", "cw": "Untgt CW [10]", "pgd32": "Untgt PGD",
+           "dhta32": "Tgt DHTA"}
+_DISPLAY = {"meanblur": "MeanBlur [23]", "umcd": "UMCD (ours)"}
+
+
+def _attack_title(key: str) -> str:
+    return _TITLES.get(key, key)
 
 
 def targets_check(results: dict) -> dict:
@@ -684,135 +691,162 @@ def targets_check(results: dict) -> dict:
     return out
 
 
-def render_report(results: dict) -> str:
-    """The run's report as Markdown."""
-    cfg = results["config"]
-    t1, t2 = results["table1"], results["table2"]
-    lines = [f"# UMCD benchmark — {results['dataset']['name']}", ""]
-    lines += [
-        f"Run `{results['run']['name']}` at {results['run']['started_at']} on {results['run']['host']} "
-        f"({results['run']['threads']} CPU threads, device {results['run']['device']}); "
-        f"total {results['timings']['total']:.0f} s.", "",
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines: the first column left-aligned, the others right-aligned."""
+    sep = ["---"] + ["---:"] * (len(header) - 1)
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(sep) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _report_header(results: dict) -> list[str]:
+    cfg, run, model = results["config"], results["run"], results["model"]
+    trained = ""
+    if model.get("source") == "trained":
+        trained = (f" ({model.get('epochs')} epochs, label smoothing {model.get('label_smoothing')}, "
+                   f"{model.get('train_seconds') or 0:.0f} s)")
+    return [
+        f"# UMCD benchmark — {results['dataset']['name']}", "",
+        f"Run `{run['name']}` at {run['started_at']} on {run['host']} ({run['threads']} CPU threads, device "
+        f"{run['device']}); total {results['timings']['total']:.0f} s.", "",
         f"Dataset: {results['dataset']['describe']}.", "",
-        f"Model: {results['model'].get('backbone')} CSQ, {results['model'].get('bits')} bits, "
-        f"{results['model'].get('source')}"
-        + (f" ({results['model'].get('epochs')} epochs, {results['model'].get('train_seconds', 0) or 0:.0f} s)" if results['model'].get('source') == 'trained' else "")
-        + f"; mAP@all on the query split = {_fmt(results['model'].get('map'), '.4f')}.", "",
+        f"Model: {model.get('backbone')} CSQ, {model.get('bits')} bits, {model.get('source')}{trained}; "
+        f"mAP@all on the query split = {_fmt(model.get('map'), '.4f')}.", "",
         "## Protocol and counts", "",
         f"- Benign: {results['counts']['calibration']} calibration images (one half of the query split; every "
         f"threshold comes from these only) and {results['counts']['heldout']} held-out images (the other half; "
         "FPRs and ROC negatives). Attacked images are drawn from the held-out half only.",
-        f"- Attacked: {cfg['n_images']} images per gray-box attack (PGD, DHTA, and both eps = {cfg['eps_ablation']:g}/255 "
-        f"ablation attacks), {cfg['n_cw']} for CW, {cfg['n_sweep']} per white-box sweep point "
-        f"({len(cfg['lambda1s'])} x {len(cfg['lambda2s'])} points).",
-        f"- Budgets: PGD/DHTA eps {cfg['eps']:g}/255, step {cfg['step_size']:g}/255, {cfg['steps']} steps; DHTA anchor = "
-        f"majority vote of {cfg['n_anchor']} database codes of a random other class; CW Adam lr {cfg['cw_lr']:g}, "
-        f"{cfg['cw_steps']} steps (L2, no L_inf bound); white-box Eq. 13 at eps {cfg['eps_white_box']:g}/255, "
-        f"{cfg['white_box_steps']} steps, t = 3x3 mean blur (exact gradient).",
+        f"- Attacked: {cfg['n_images']} images per gray-box attack (PGD, DHTA, and both eps = "
+        f"{cfg['eps_ablation']:g}/255 ablation attacks), {cfg['n_cw']} for CW, {cfg['n_sweep']} per white-box "
+        f"sweep point ({len(cfg['lambda1s'])} x {len(cfg['lambda2s'])} points).",
+        f"- Budgets: PGD/DHTA eps {cfg['eps']:g}/255, step {cfg['step_size']:g}/255, {cfg['steps']} steps; DHTA "
+        f"anchor = majority vote of {cfg['n_anchor']} database codes of a random other class; CW Adam lr "
+        f"{cfg['cw_lr']:g}, {cfg['cw_steps']} steps (L2, no L_inf bound); white-box Eq. 13 at eps "
+        f"{cfg['eps_white_box']:g}/255, {cfg['white_box_steps']} steps, t = 3x3 mean blur (exact gradient).",
         "- Success: untargeted = Hamming(h(x'), h(x)) >= K/2; targeted = Hamming(h(x'), anchor) <= K/8. "
         "**Detection and miss rates count successful adversarial examples**; rates over all attacked images "
         "are in results.json (`*_all`).",
         "- LID [28] is **SUPERVISED** (a logistic regression on per-layer LID features trained on adversarial vs "
         "clean): it is trained on one half of each attack's examples and tested on the other half (2-fold "
-        "cross-fitting). Every other detector sees benign images only.",
-        "", "## Table 1 — miss rate (%) at 5% FPR (lower is better)", "",
+        "cross-fitting). Every other detector sees benign images only.", "",
     ]
-    hdr = "| detector | " + " | ".join(_attack_title(a, {}) for a in t1["attacks"]) + " | paper CIFAR-10: " + " / ".join(
-        _attack_title(a, {}) for a in t1["attacks"]) + " |"
-    lines += [hdr, "|---|" + "---:|" * len(t1["attacks"]) + "---:|"]
+
+
+def _report_table1(results: dict) -> list[str]:
+    t1 = results["table1"]
+    attacks = t1["attacks"]
+    titles = [_attack_title(a) for a in attacks]
+    rows = []
     for d in t1["detectors"]:
-        label = t1["labels"][d] + (" **SUPERVISED**" if t1["supervised"][d] else "")
-        ours = " | ".join(_fmt(t1["miss_rate"][d][a]) for a in t1["attacks"])
         paper = t1["paper_cifar10"].get(d)
-        ptxt = " / ".join(_fmt(paper[a]) for a in t1["attacks"]) if paper else "–"
-        lines.append(f"| {label} | {ours} | {ptxt} |")
-    lines += ["", "Successful adversarial examples counted: " + ", ".join(
-        f"{_attack_title(a, {})} {t1['n_successful'][a]}" for a in t1["attacks"]) + ".", ""]
-    lines += ["Miss rate (%) over all attacked images (successful or not):", "",
-              "| detector | " + " | ".join(_attack_title(a, {}) for a in t1["attacks"]) + " |",
-              "|---|" + "---:|" * len(t1["attacks"])]
-    for d in t1["detectors"]:
-        lines.append(f"| {t1['labels'][d]} | " + " | ".join(_fmt(t1["miss_rate_all"][d][a]) for a in t1["attacks"]) + " |")
-    lines += ["", "### Held-out benign FPR (target 0.05; calibration FPR in brackets)", "",
-              "| detector | " + " | ".join(_attack_title(a, {}) for a in t1["attacks"]) + " |",
-              "|---|" + "---:|" * len(t1["attacks"])]
-    for d in t1["detectors"]:
-        lines.append(f"| {t1['labels'][d]} | " + " | ".join(
-            f"{_fmt(t1['heldout_fpr'][d][a], '.3f')} ({_fmt(t1['calibration_fpr'][d][a], '.3f')})" for a in t1["attacks"]) + " |")
-    lines += ["", "### Attack success", "",
-              "| attack | images | success rate | mAP clean | mAP after (untgt) / t-mAP (tgt) | t-mAP before | max L_inf (/255) | mean L2 | seconds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows.append([t1["labels"][d] + (" **SUPERVISED**" if t1["supervised"][d] else "")]
+                    + [_fmt(t1["miss_rate"][d][a]) for a in attacks]
+                    + [" / ".join(_fmt(paper[a]) for a in attacks) if paper else "–"])
+    lines = [f"## Table 1 — miss rate (%) at {t1['fpr']:g} FPR (lower is better)", ""]
+    lines += _md_table(["detector", *titles, "paper CIFAR-10: " + " / ".join(titles)], rows)
+    lines += ["", "Successful adversarial examples counted: "
+              + ", ".join(f"{t} {t1['n_successful'][a]}" for t, a in zip(titles, attacks)) + ".", "",
+              "Miss rate (%) over all attacked images (successful or not):", ""]
+    lines += _md_table(["detector", *titles],
+                       [[t1["labels"][d]] + [_fmt(t1["miss_rate_all"][d][a]) for a in attacks] for d in t1["detectors"]])
+    lines += ["", f"### Held-out benign FPR (target {t1['fpr']:g}; calibration FPR in brackets)", ""]
+    lines += _md_table(["detector", *titles], [
+        [t1["labels"][d]] + [f"{_fmt(t1['heldout_fpr'][d][a], '.3f')} ({_fmt(t1['calibration_fpr'][d][a], '.3f')})"
+                             for a in attacks] for d in t1["detectors"]])
+    rows = []
     for k, a in results["attacks"].items():
         if k.startswith("adaptive"):
             continue
-        after = a.get("map_after", a.get("t_map"))
-        lines.append(
-            f"| {k} ({a['attack']}, eps {_fmt(a['eps'], 'g') if a['eps'] is not None else 'L2'}) | {a['n']} | "
-            f"{_fmt(a['success_rate'], '.3f')} | {_fmt(a['map_clean'], '.4f')} | {_fmt(after, '.4f')} | "
-            f"{_fmt(a.get('t_map_clean'), '.4f')} | {_fmt(a['linf_max_255'], '.1f')} | {_fmt(a['l2_mean'], '.3f')} | {_fmt(a['seconds'], '.0f')} |")
-    lines += ["", f"## Table 2 — ablation: detection rate at 5% FPR, eps = {t2['eps']:g}/255", "",
-              "| criteria | Untgt PGD | Tgt DHTA | paper CIFAR-10 Untgt / Tgt |", "|---|---:|---:|---:|"]
+        eps = _fmt(a["eps"], "g") if a["eps"] is not None else "L2"
+        rows.append([f"{k} ({a['attack']}, eps {eps})", str(a["n"]), _fmt(a["success_rate"], ".3f"),
+                     _fmt(a["map_clean"], ".4f"), _fmt(a.get("map_after", a.get("t_map")), ".4f"),
+                     _fmt(a.get("t_map_clean"), ".4f"), _fmt(a["linf_max_255"], ".1f"), _fmt(a["l2_mean"], ".3f"),
+                     _fmt(a["seconds"], ".0f")])
+    lines += ["", "### Attack success", ""]
+    lines += _md_table(["attack", "images", "success rate", "mAP clean", "mAP after (untgt) / t-mAP (tgt)",
+                        "t-mAP before", "max L_inf (/255)", "mean L2", "seconds"], rows)
+    return lines + [""]
+
+
+def _report_table2(results: dict) -> list[str]:
+    t2 = results["table2"]
+    rows = []
     for d in t2["detectors"]:
         p = t2["paper_cifar10"].get(d)
-        lines.append(f"| {t2['labels'][d]} | " + " | ".join(_fmt(t2["detection_rate"][d][a], ".4f") for a in t2["attacks"])
-                     + f" | {_fmt(p['pgd32'], '.4f')} / {_fmt(p['dhta32'], '.4f')} |")
-    lines += ["", "Successful examples: " + ", ".join(f"{a} {n}" for a, n in t2["n_successful"].items()) + ".", ""]
-    t4 = results.get("table4")
-    if t4:
-        lines += [f"## Table 4 — white-box detection rate (TPR of successful examples), Eq. 13, eps = {t4['eps']:g}/255", "",
-                  "Each detector faces the attack adapted to it: MeanBlur λ1 = 0 (it has no C2), ours λ1 = "
-                  f"{t4['lambda1']['umcd']:g}; of λ2 ∈ {{{', '.join(f'{l:g}' for l in cfg['lambda2s'])}}} the one that "
-                  "evades best (most successful-and-undetected examples) is shown. Cells: detection rate of successful "
-                  "examples (of all attacked; λ2; attack success; evasion).", "",
-                  "| detector | " + " | ".join(f"FPR {f}" for f in t4["fprs"]) + " | paper CIFAR-10 " +
-                  " / ".join(f"FPR {f}" for f in t4["fprs"]) + " |",
-                  "|---|" + "---:|" * len(t4["fprs"]) + "---:|"]
-        for d, row in t4["rows"].items():
-            paper = t4["paper_cifar10"].get(d, {})
-            lines.append(f"| {'MeanBlur [23]' if d == 'meanblur' else 'UMCD (ours)'} | " + " | ".join(
-                f"**{_fmt(row[f]['successful'], '.4f')}** (all {_fmt(row[f]['all'], '.4f')}; λ2={row[f]['worst_lambda2']}; "
-                f"success {_fmt(row[f]['success_rate'], '.3f')}; evasion {_fmt(row[f]['evasion'], '.3f')})" for f in t4["fprs"])
-                + " | " + " / ".join(_fmt(paper.get(f), ".4f") for f in t4["fprs"]) + " |")
-        lines += ["", "Note: within the paper's λ1 range (<= 0.03) Eq. 13 cannot keep C2 up once a bit has its target sign: "
-                  "per output, the pull of L1 (-h_t/2) outweighs that of λ1·L2 (λ1·sign f), so |f| still grows towards 1. "
-                  "Stronger adaptive attackers (e.g. output mimicry, `umcd evaluate-adaptive`) are outside this table."]
-        w = t4.get("umcd_worst_over_sweep", {})
-        if w:
-            lines += ["", "Strongest sweep point against ours: " + "; ".join(
-                f"FPR {f}: λ1={v['lambda1']:g}, λ2={v['lambda2']:g}, detection {_fmt(v['successful'], '.4f')} of successful "
-                f"(all {_fmt(v['all'], '.4f')}), success {_fmt(v['success_rate'], '.3f')}, evasion {_fmt(v['evasion'], '.3f')}"
-                for f, v in w.items()) + "."]
-        lines += ["", "### Fig. 5 — white-box sweep", "",
-                  "| λ2 | λ1 | success | t-mAP | ours FPR 0.1 (succ / all) | ours FPR 0.2 | MeanBlur FPR 0.1 | MeanBlur FPR 0.2 | AUC C1 | AUC C2 | AUC C3 | AUC comb. |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for p in results["sweep"]:
-            dd = p["detection"]
-            g = lambda d, f: f"{_fmt(dd[d][f]['successful'], '.3f')} / {_fmt(dd[d][f]['all'], '.3f')}"  # noqa: E731
-            fk = [f"{f:g}" for f in cfg["white_box_fprs"]]
-            lines.append(f"| {p['lambda2']:g} | {p['lambda1']:g} | {_fmt(p['success_rate'], '.3f')} | {_fmt(p['t_map'], '.3f')} | "
-                         + " | ".join(g(d, f) for d in ("umcd", "meanblur") for f in fk[:2])
-                         + " | " + " | ".join(_fmt(p["auc"][c], ".3f") for c in ("c1", "c2", "c3", "combined")) + " |")
-        lines += ["", "![Fig. 5](fig5_white_box.png)", ""]
-    lines += ["## AUC (held-out benign vs successful adversarial examples)", "",
-              "| attack | C1 | C2 | C3 | combined | " + " | ".join(results["table1"]["labels"][d] for d in t1["detectors"]) + " |",
-              "|---|" + "---:|" * (4 + len(t1["detectors"]))]
+        rows.append([t2["labels"][d]] + [_fmt(t2["detection_rate"][d][a], ".4f") for a in t2["attacks"]]
+                    + [" / ".join(_fmt(p[a], ".4f") for a in t2["attacks"]) if p else "–"])
+    lines = [f"## Table 2 — ablation: detection rate at {t2['fpr']:g} FPR, eps = {t2['eps']:g}/255", ""]
+    lines += _md_table(["criteria", "Untgt PGD", "Tgt DHTA", "paper CIFAR-10 Untgt / Tgt"], rows)
+    return lines + ["", "Successful examples: " + ", ".join(f"{a} {n}" for a, n in t2["n_successful"].items()) + ".", ""]
+
+
+def _report_table4(results: dict) -> list[str]:
+    t4, cfg = results.get("table4"), results["config"]
+    if not t4:
+        return []
+    lambda2s = ", ".join(f"{v:g}" for v in cfg["lambda2s"])
+    lines = [f"## Table 4 — white-box detection rate (TPR of successful examples), Eq. 13, eps = {t4['eps']:g}/255", "",
+             "Each detector faces the attack adapted to it: MeanBlur λ1 = 0 (it has no C2), ours λ1 = "
+             f"{t4['lambda1']['umcd']:g}; of λ2 ∈ {{{lambda2s}}} the one that evades best (most "
+             "successful-and-undetected examples) is shown. Cells: detection rate of successful examples (of all "
+             "attacked; λ2; attack success; evasion).", ""]
+    rows = []
+    for d, row in t4["rows"].items():
+        paper = t4["paper_cifar10"].get(d, {})
+        cells = [f"**{_fmt(row[f]['successful'], '.4f')}** (all {_fmt(row[f]['all'], '.4f')}; "
+                 f"λ2={row[f]['worst_lambda2']}; success {_fmt(row[f]['success_rate'], '.3f')}; "
+                 f"evasion {_fmt(row[f]['evasion'], '.3f')})" for f in t4["fprs"]]
+        rows.append([_DISPLAY.get(d, d), *cells, " / ".join(_fmt(paper.get(f), ".4f") for f in t4["fprs"])])
+    lines += _md_table(["detector", *(f"FPR {f}" for f in t4["fprs"]),
+                        "paper CIFAR-10 " + " / ".join(f"FPR {f}" for f in t4["fprs"])], rows)
+    lines += ["", "Note: within the paper's λ1 range (<= 0.03) Eq. 13 cannot keep C2 up once a bit has its target "
+              "sign: per output, the pull of L1 (-h_t/2) outweighs that of λ1·L2 (λ1·sign f), so |f| still grows "
+              "towards 1. Stronger adaptive attackers (e.g. output mimicry, `umcd evaluate-adaptive`) are outside "
+              "this table."]
+    worst = t4.get("umcd_worst_over_sweep", {})
+    if worst:
+        lines += ["", "Strongest sweep point against ours: " + "; ".join(
+            f"FPR {f}: λ1={v['lambda1']:g}, λ2={v['lambda2']:g}, detection {_fmt(v['successful'], '.4f')} of "
+            f"successful (all {_fmt(v['all'], '.4f')}), success {_fmt(v['success_rate'], '.3f')}, evasion "
+            f"{_fmt(v['evasion'], '.3f')}" for f, v in worst.items()) + "."]
+    fk = [f"{f:g}" for f in cfg["white_box_fprs"]][:2]
+    rows = []
+    for p in results["sweep"]:
+        det = p["detection"]
+        rows.append([f"{p['lambda2']:g}", f"{p['lambda1']:g}", _fmt(p["success_rate"], ".3f"), _fmt(p["t_map"], ".3f")]
+                    + [f"{_fmt(det[d][f]['successful'], '.3f')} / {_fmt(det[d][f]['all'], '.3f')}"
+                       for d in ("umcd", "meanblur") for f in fk]
+                    + [_fmt(p["auc"][c], ".3f") for c in ("c1", "c2", "c3", "combined")])
+    lines += ["", "### Fig. 5 — white-box sweep (detection: of successful / of all attacked)", ""]
+    lines += _md_table(["λ2", "λ1", "success", "t-mAP", *(f"ours FPR {f}" for f in fk),
+                        *(f"MeanBlur FPR {f}" for f in fk), "AUC C1", "AUC C2", "AUC C3", "AUC comb."], rows)
+    return lines + ["", "![Fig. 5](fig5_white_box.png)", ""]
+
+
+def _report_auc(results: dict) -> list[str]:
+    t1 = results["table1"]
+    rows = []
     for a, v in results["auc"].items():
         dets = v.get("detectors", {})
-        lines.append(f"| {a} | " + " | ".join(_fmt(v["criteria"].get(c), ".4f") for c in ("c1", "c2", "c3", "combined")) + " | "
-                     + " | ".join(_fmt(dets.get(d), ".4f") for d in t1["detectors"]) + " |")
+        rows.append([a] + [_fmt(v["criteria"].get(c), ".4f") for c in ("c1", "c2", "c3", "combined")]
+                    + [_fmt(dets.get(d), ".4f") for d in t1["detectors"]])
+    lines = ["## AUC (held-out benign vs successful adversarial examples)", ""]
+    lines += _md_table(["attack", "C1", "C2", "C3", "combined", *(t1["labels"][d] for d in t1["detectors"])], rows)
     bp = results["benign_criteria_percentiles"]
     lines += ["", "Benign (held-out) criteria percentiles 1/5/50/95/99: " + "; ".join(
         f"{k.upper()} " + "/".join(_fmt(v[q], ".3g") for q in v) for k, v in bp.items()) + ".", ""]
-    chk = results.get("targets")
-    if chk:
-        lines += ["## Targets (issue 4, digits)", ""]
-        for k, v in chk.items():
-            lines.append(f"- {k}: {json.dumps(v)}")
+    return lines
+
+
+def render_report(results: dict) -> str:
+    """The run's report as Markdown."""
+    lines = _report_header(results) + _report_table1(results) + _report_table2(results)
+    lines += _report_table4(results) + _report_auc(results)
+    if results.get("targets"):
+        lines += ["## Targets (issue 4, digits)", ""] + [f"- {k}: {json.dumps(v)}" for k, v in results["targets"].items()]
         lines.append("")
     lines += ["## Figures", "", "![Table 1](table1_miss_rate.png)", "", "![ROC](roc_table1.png)", "",
-              "![ROC per criterion](roc_criteria.png)", "", "![C1](hist_c1.png) ![C2](hist_c2.png) ![C3](hist_c3.png)", "",
-              "## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
+              "![ROC per criterion](roc_criteria.png)", "",
+              "![C1](hist_c1.png) ![C2](hist_c2.png) ![C3](hist_c3.png)", "", "## Timings (s)", ""]
+    lines += _md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in results["timings"].items()])
     return "\n".join(lines) + "\n"
 
 
@@ -826,7 +860,7 @@ def _figures(bench: Benchmark, results: dict, out: Path) -> list[str]:
     curves = {}
     for a in t1["attacks"]:
         run = bench.attacks[a]
-        curves[_attack_title(a, {})] = {
+        curves[_attack_title(a)] = {
             t1["labels"][d]: (*bench._anomaly(d, run), results["auc"][a]["detectors"][d]) for d in t1["detectors"]
         }
     written.append(plots.roc_figure(out / "roc_table1.png", curves, "ROC: held-out benign vs successful adversarial").name)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core.baselines import ABLATION_DETECTORS, TABLE1_DETECTORS
-from core.evaluation import PAPER_TABLE1_CIFAR10, auc_score, run_benchmark, targets_check
+from core.evaluation import PAPER_TABLE1_CIFAR10, auc_score, run_benchmark, target_labels_for, targets_check
 
 # A tiny run: a 16-bit model trained for one epoch, a handful of images, a few attack steps.
 TINY = dict(
@@ -132,3 +132,52 @@ def test_targets_check_reads_the_issue_targets_off_the_tables():
     assert out["miss_rate_at_most_1pct"] == {"pgd": True}
     assert out["not_worse_than_any_baseline"] == {"pgd": False}
     assert out["white_box_detection_at_fpr_0.1_at_least_0.95"] is True
+
+
+def _write_list_dataset(root, n_train: int = 40, n_test: int = 30, n_db: int = 60, labels: int = 4) -> None:
+    """A multi-label list dataset of 32x32 PNGs: one coloured quadrant per label on a noisy background."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = np.array([[230, 40, 40], [40, 230, 40], [40, 40, 230], [230, 230, 40]], dtype=np.float64)
+    (root / "img").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test), ("database", n_db)):
+        lines = []
+        for i in range(n):
+            y = rng.random(labels) < 0.4
+            y[rng.integers(labels)] = True
+            arr = rng.normal(110, 20, (32, 32, 3))
+            for c in np.flatnonzero(y):
+                r, q = divmod(int(c), 2)
+                quadrant = arr[r * 16 : (r + 1) * 16, q * 16 : (q + 1) * 16]
+                quadrant[:] = 0.5 * quadrant + 0.5 * colours[c]
+            path = f"img/{split}{i}.png"
+            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(root / path)
+            lines.append(path + " " + " ".join(str(int(v)) for v in y))
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_the_benchmark_runs_on_a_multi_label_list_dataset(tmp_path):
+    _write_list_dataset(tmp_path / "data")
+    r = run_benchmark(
+        "list", seed=0, out_dir=tmp_path / "run", progress=False, figures=False, data_root=tmp_path / "data",
+        **{**TINY, "n_benign": None, "n_images": 5, "n_cw": 3, "n_sweep": 3},
+    )
+    assert r["dataset"]["multi_label"] is True and r["counts"]["calibration"] == 15
+    assert set(r["table1"]["miss_rate"]) == {*TABLE1_DETECTORS, "lid-unsup"}
+    assert (tmp_path / "run" / "report.md").is_file()
+
+
+def test_multi_label_targets_share_no_label_with_their_query():
+    from core.datasets import DatasetSplits, ImageSet
+
+    db = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 0]], dtype=np.int8)
+    sp = DatasetSplits("list", query=ImageSet(db), train=ImageSet(db), database=ImageSet(db), num_classes=3, seed=0,
+                       multi_label=True)
+    queries = np.array([[1, 0, 0], [0, 0, 1], [1, 1, 0]], dtype=np.int8)
+    for seed in range(5):
+        t = target_labels_for(sp, queries, np.random.default_rng(seed))
+        assert ((t.astype(int) * queries).sum(1) == 0).all() and (t.sum(1) > 0).all()
+    single = DatasetSplits("s", query=ImageSet(db), train=ImageSet(db), database=ImageSet(db), num_classes=3, seed=0)
+    t = target_labels_for(single, np.eye(3, dtype=np.int8), np.random.default_rng(0))
+    assert (t.sum(1) == 1).all() and (t.argmax(1) != np.arange(3)).all()
