@@ -108,7 +108,10 @@ class BenchmarkConfig:
     lambda1_table4: float = 0.0075
     chunk: int = 50  # images per attack call (progress granularity)
     device: str = "auto"
-    threads: int | None = None  # torch intra-op CPU threads during the run (None: leave torch's setting)
+    # torch intra-op CPU threads during the run. None: 1 on CPU (the small CNN's ops gain nothing from a second
+    # thread, and two threads on two shared cores stalled: the digits run took 30.6 min with 2, 8.2 min with 1),
+    # torch's setting on a GPU; 0: leave torch's setting; n: n threads.
+    threads: int | None = None
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -509,8 +512,11 @@ class Benchmark:
         n_sweep_points = len(cfg.lambda1s) * len(cfg.lambda2s)
         self.prog = _Progress(self.progress_enabled, 3 + 5 + n_sweep_points + 1)
         threads_before = torch.get_num_threads()
-        if cfg.threads:
-            torch.set_num_threads(int(cfg.threads))
+        from core.training import resolve_device
+
+        threads = cfg.threads if cfg.threads is not None else (1 if resolve_device(cfg.device).type == "cpu" else 0)
+        if threads:
+            torch.set_num_threads(int(threads))
         self.threads = torch.get_num_threads()
         try:
             self._model()

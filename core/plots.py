@@ -30,8 +30,12 @@ def roc_figure(path: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndar
     """One panel per attack; curves[attack][detector] = (benign scores, adversarial scores, auc)."""
     plt = _plt()
     n = max(1, len(curves))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.0), squeeze=False)
-    for ax, (attack, dets) in zip(axes[0], curves.items()):
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.0 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (attack, dets) in zip(axes.flat, curves.items()):
         for det, (b, a, auc) in dets.items():
             fpr, tpr = roc_points(b, a)
             ax.plot(fpr, tpr, label=f"{det} (AUC {auc:.3f})", lw=1.4)
@@ -69,15 +73,16 @@ def histogram_figure(
     else:
         bins = np.linspace(float(np.min(allv)), float(np.max(allv)) + 1e-9, 40) if len(allv) else 10
         clip = lambda v: np.asarray(v, float)  # noqa: E731
-    ax.hist(clip(benign), bins=bins, density=True, alpha=0.45, label=f"benign (n={len(benign)})", color="tab:green")
+    frac = lambda v: np.full(len(v), 1.0 / max(len(v), 1))  # noqa: E731 - each sample counts 1/n: bins of any width compare
+    ax.hist(clip(benign), bins=bins, weights=frac(benign), alpha=0.45, label=f"benign (n={len(benign)})", color="tab:green")
     for name, v in attacks.items():
         if len(v) == 0:
             continue
-        ax.hist(clip(v), bins=bins, density=True, histtype="step", lw=1.5, label=f"{name} (n={len(v)})")
+        ax.hist(clip(v), bins=bins, weights=frac(v), histtype="step", lw=1.5, label=f"{name} (n={len(v)})")
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold if not log else max(threshold, bins[0]), color="k", ls="--", lw=1, label="threshold (5% FPR)")
-    ax.set_xlabel(criterion)
-    ax.set_ylabel("density")
+    ax.set_xlabel(criterion + (" (log scale; values below the axis are drawn at its left end)" if log else ""))
+    ax.set_ylabel("fraction of images")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)

@@ -47,7 +47,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="run folder (default: <artifacts>/runs/<name>)"),
     device: str = typer.Option(None, help="auto, cpu or cuda"),
     threads: Optional[int] = typer.Option(
-        None, help="torch CPU threads for the run (1 is fastest for the small CNN on a shared 2-core machine)"
+        None, help="torch CPU threads for the run (default: 1 on CPU, torch's setting on GPU; 0: torch's setting)"
     ),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
