@@ -274,6 +274,8 @@ class Benchmark:
             from core.checkpoint import load_checkpoint
 
             ck = load_checkpoint(cfg.checkpoint, self.device)
+            if ck.meta.dataset != cfg.dataset:
+                raise ValueError(f"checkpoint {cfg.checkpoint} was trained on {ck.meta.dataset!r}, not {cfg.dataset!r}")
             self.splits = load_dataset(ck.meta.dataset, cfg.data_root, seed=ck.meta.split_seed)
             self.model = ck.model
             self.model_info = {

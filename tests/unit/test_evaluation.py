@@ -181,3 +181,13 @@ def test_multi_label_targets_share_no_label_with_their_query():
     single = DatasetSplits("s", query=ImageSet(db), train=ImageSet(db), database=ImageSet(db), num_classes=3, seed=0)
     t = target_labels_for(single, np.eye(3, dtype=np.int8), np.random.default_rng(0))
     assert (t.sum(1) == 1).all() and (t.argmax(1) != np.arange(3)).all()
+
+
+def test_a_checkpoint_is_evaluated_on_its_own_dataset(tiny_run, tmp_path):
+    out, first = tiny_run
+    with pytest.raises(ValueError, match="trained on 'digits'"):
+        run_benchmark("cifar10", out_dir=tmp_path / "x", progress=False, checkpoint=out / "model.safetensors", **TINY)
+    again = run_benchmark("digits", seed=0, out_dir=tmp_path / "ck", progress=False, figures=False,
+                          checkpoint=out / "model.safetensors", **TINY)
+    assert again["model"]["source"] == "checkpoint" and again["model"]["map"] == pytest.approx(first["model"]["map"])
+    assert again["table1"]["miss_rate"] == first["table1"]["miss_rate"]
