@@ -21,7 +21,10 @@ from core.models import sign_codes
 from core.pipeline import build_index, calibration_halves
 from core.training import encode_set, evaluate_retrieval
 
-DEFAULT_DETECTORS = ("umcd", "umcd-nbr", "umcd-multi", "umcd-rand", "umcd-feat", "umcd-rand-feat", "umcd-fknn")
+DEFAULT_DETECTORS = (
+    "umcd", "umcd-nbr", "umcd-multi", "umcd-rand", "umcd-feat", "umcd-rand-feat",
+    "umcd-fknn", "umcd-trust", "umcd-trust-input",
+)
 
 SUCCESS_RULE = (
     "an attacked image succeeds when Hamming(h(x'), sign(f_target)) <= K/8 bits, f_target being the output of a "
@@ -92,7 +95,7 @@ def fknn_penalty(ref: ext.FeatureReference, stages: Sequence[int], k: int = ext.
 
     def penalty(model, x_adv, targets):
         _, stages_out = pre_activations_with_features(model, x_adv)
-        feats = ext.pooled_features(stages_out)
+        feats = ext.stage_features(x_adv, stages_out, stages)
         code = sign_codes(targets)
         bits = code.shape[1]
         near = 0.5 * (bits - code @ ref.codes.to(code.device).T) <= bits / 8  # (n, m) reference images "of" the target
@@ -108,6 +111,38 @@ def fknn_penalty(ref: ext.FeatureReference, stages: Sequence[int], k: int = ext.
     return penalty
 
 
+def trust_penalty(ref: ext.FeatureReference, stage_thresholds: Sequence[tuple[int, float]], kappa: float) -> Penalty:
+    """Threshold-aware: sum_s relu(trust_s(x') - kappa·tau_s)/tau_s, trust_s the ratio of `ext.trust_ratio` with
+    x' taking the target's code (the code it must end with)."""
+
+    def penalty(model, x_adv, targets):
+        _, stages_out = pre_activations_with_features(model, x_adv)
+        feats = ext.stage_features(x_adv, stages_out, [s for s, _ in stage_thresholds])
+        code = sign_codes(targets)
+        total = torch.zeros(x_adv.shape[0], device=x_adv.device, dtype=x_adv.dtype)
+        for s, tau in stage_thresholds:
+            r = ref.features[ref.stages.index(s)].to(x_adv.device)
+            ratio = ext.trust_ratio(feats[s], code, r, ref.codes.to(x_adv.device))
+            total = total + torch.relu(ratio - kappa * tau) / tau
+        return total
+
+    penalty.__name__ = f"trust(stages={[s for s, _ in stage_thresholds]})"
+    return penalty
+
+
+def _sum_penalties(penalties: list[Penalty]) -> Penalty | None:
+    if not penalties:
+        return None
+    if len(penalties) == 1:
+        return penalties[0]
+
+    def total(model, x_adv, targets):
+        return sum(p(model, x_adv, targets) for p in penalties)
+
+    total.__name__ = "+".join(p.__name__ for p in penalties)
+    return total
+
+
 def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig) -> Attack:
     """The consistent-mimicry attack adapted to ``det`` (calibrated at the selection FPR).
 
@@ -115,7 +150,8 @@ def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig) -> Attack:
     blur) becomes a view that must land on the target, with a threshold-aware C3 term; a random
     denoiser becomes EOT over its family (``eot_samples`` draws a step, threshold-aware too); feature
     criteria (feat@s, featr@s) become threshold-aware feature terms on the same views; feature-space
-    neighbour criteria (fknn@s) become `fknn_penalty` (weight 4·``weight``). One weight ``weight``
+    neighbour criteria become `fknn_penalty` (fknn@s) and the threshold-aware `trust_penalty` (trust@s),
+    weight 4·``weight``. One weight ``weight``
     scales the other terms; the thresholds and the reference are the detector's own (white-box).
     """
     cal = det.calibration
@@ -126,6 +162,7 @@ def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig) -> Attack:
     eot_tau: float | None = None
     feature_terms: list[tuple[int, int, float]] = []
     fknn_stages: list[int] = []
+    trust_stages: list[tuple[int, float]] = []
     random = False
 
     def view(name: str, tau: float | None) -> int:
@@ -153,6 +190,8 @@ def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig) -> Attack:
             feature_terms.append((int(crit[6:]), -1, thr[crit]))
         elif crit.startswith("fknn@"):
             fknn_stages.append(int(crit[5:]))
+        elif crit.startswith("trust@"):
+            trust_stages.append((ext.INPUT_STAGE if crit == "trust@in" else int(crit[6:]), thr[crit]))
     c3_thresholds = [t if math.isfinite(t) else 1e9 for t in taus] or None
     return get_attack(
         "consistent_mimicry",
@@ -168,7 +207,10 @@ def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig) -> Attack:
         lambda_c3=weight,
         feature_terms=feature_terms,
         lambda_feat=weight,
-        penalty=fknn_penalty(det.reference, fknn_stages) if fknn_stages else None,
+        penalty=_sum_penalties(
+            ([fknn_penalty(det.reference, fknn_stages)] if fknn_stages else [])
+            + ([trust_penalty(det.reference, trust_stages, cfg.kappa)] if trust_stages else [])
+        ),
         lambda_penalty=4 * weight,
         kappa=cfg.kappa,
     )
@@ -556,8 +598,10 @@ def write_report(results: dict, out_dir: Path) -> Path:
     lines += ["", f"![detection vs eps]({png.name})", ""]
     lines += ["## Detectors", ""]
     for d, info in results["detectors"].items():
+        ref = info.get("reference_bytes_per_image") or 0
         lines.append(f"- `{d}`: {info['description']} ({info['forward_passes']} passes/query, "
-                     f"{info['seconds_per_image'] * 1e3:.3f} ms/image vs {info['plain_seconds_per_image'] * 1e3:.3f} ms plain)")
+                     f"{info['seconds_per_image'] * 1e3:.3f} ms/image vs {info['plain_seconds_per_image'] * 1e3:.3f} ms plain"
+                     + (f"; reference {ref:.0f} bytes per database image" if ref else "") + ")")
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

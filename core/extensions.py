@@ -286,7 +286,7 @@ for _s in range(4):
 
 FEATURE_CRITERIA = tuple(f"feat@{s}" for s in range(4)) + tuple(f"featr@{s}" for s in range(4)) + ("c3f",)
 #: criteria that need a pass over x alone through forward_with_features
-QUERY_FEATURE_CRITERIA = tuple(f"fknn@{s}" for s in range(4))
+QUERY_FEATURE_CRITERIA = tuple(f"fknn@{s}" for s in range(4)) + tuple(f"trust@{s}" for s in range(4)) + ("trust@in",)
 
 # ---------------------------------------------------------------------------- detector specs
 
@@ -334,12 +334,29 @@ for _spec in EXTENSIONS:
 # ---------------------------------------------------------------------------- feature-space neighbours (needs a reference)
 
 
+INPUT_STAGE = -1  #: the input image itself, average-pooled to INPUT_GRID x INPUT_GRID per channel
+INPUT_GRID = 8
+
+
+def stage_features(x: torch.Tensor, stage_outputs: Sequence[torch.Tensor], stages: Sequence[int]) -> dict[int, torch.Tensor]:
+    """{stage: (n, D) L2-normalised features}: pooled backbone activations (`pooled_features`) or, for
+    INPUT_STAGE, the image average-pooled to INPUT_GRID x INPUT_GRID (an input-space view the network cannot bend)."""
+    pooled = pooled_features(stage_outputs)
+    out = {}
+    for st in stages:
+        if st == INPUT_STAGE:
+            out[st] = F.normalize(F.adaptive_avg_pool2d(x, min(INPUT_GRID, x.shape[-1])).flatten(1), dim=1)
+        else:
+            out[st] = pooled[st]
+    return out
+
+
 class FeatureReference:
     """Pooled, L2-normalised early-stage features of benign reference images (the database) and their codes.
 
     features[s]: (m, D_s) float32 for each stage in ``stages``; codes: (m, K) ±1; ids: (m,) int64.
-    Memory: 4·sum_s D_s bytes per image (stages 0 and 1 of smallcnn: 256 + 512 floats = 3 KiB, about
-    380x the 8 bytes of a 64-bit code).
+    Memory: 4·sum_s D_s bytes per image (input 8x8x3 and stages 0 and 1 of smallcnn: 192 + 256 + 512
+    floats = 3.75 KiB, about 480x the 8 bytes of a 64-bit code).
     """
 
     def __init__(self, stages: Sequence[int], features: Sequence[torch.Tensor], codes: torch.Tensor, ids: np.ndarray) -> None:
@@ -350,14 +367,15 @@ class FeatureReference:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: torch.nn.Module, images: torch.Tensor, ids=None, stages: Sequence[int] = (0, 1), batch_size: int = 256) -> "FeatureReference":
+    def build(cls, model: torch.nn.Module, images: torch.Tensor, ids=None, stages: Sequence[int] = (INPUT_STAGE, 0, 1), batch_size: int = 256) -> "FeatureReference":
         """Encodes ``images`` (m, 3, H, W) in [0, 1] (default ids 0..m-1)."""
         feats: list[list[torch.Tensor]] = [[] for _ in stages]
         codes = []
         dev = next(model.parameters()).device
         for i in range(0, len(images), batch_size):
-            f, st = model.forward_with_features(images[i : i + batch_size].to(dev, torch.float32))
-            pooled = pooled_features(st)
+            xb = images[i : i + batch_size].to(dev, torch.float32)
+            f, st = model.forward_with_features(xb)
+            pooled = stage_features(xb, st, stages)
             for j, s in enumerate(stages):
                 feats[j].append(pooled[s].cpu())
             codes.append(sign_codes_of(f).cpu())
@@ -366,6 +384,34 @@ class FeatureReference:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def save(self, path) -> None:
+        """Writes the reference as safetensors (features per stage, codes, ids; stages in the metadata)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"features.{s}": f.contiguous() for s, f in zip(self.stages, self.features)}
+        tensors["codes"] = self.codes.to(torch.int8).contiguous()
+        tensors["ids"] = torch.from_numpy(self.ids.copy())
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(tensors, str(tmp), metadata={"stages": json.dumps(list(self.stages))})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path) -> "FeatureReference":
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            stages = json.loads(f.metadata()["stages"])
+            feats = [f.get_tensor(f"features.{s}") for s in stages]
+            codes, ids = f.get_tensor("codes").float(), f.get_tensor("ids").numpy()
+        return cls(stages, feats, codes, ids)
 
     @property
     def nbytes(self) -> int:
@@ -385,17 +431,23 @@ def sign_codes_of(f: torch.Tensor) -> torch.Tensor:
 FKNN_K = 10
 
 
+def _query_features(ctx: ScoreContext) -> dict[int, torch.Tensor]:
+    """{stage: features} of x alone for the reference's stages (one forward_with_features pass, cached on ctx)."""
+    cache = ctx.__dict__.setdefault("_umcd_query_features", {})
+    if "x" not in cache:
+        x = ctx.images.to(ctx.f.device, torch.float32)
+        with torch.no_grad():
+            _, st = ctx.model.forward_with_features(x)
+        cache["x"] = stage_features(x, st, ctx.feature_reference.stages)  # type: ignore[attr-defined]
+    return cache["x"]
+
+
 def _fknn_at(s: int):
     def fn(ctx: ScoreContext) -> np.ndarray:
         ref: FeatureReference | None = getattr(ctx, "feature_reference", None)
         if ref is None:
             raise LookupError("fknn criteria need a FeatureReference: score with core.extensions.ReferenceDetector")
-        cache = ctx.__dict__.setdefault("_umcd_query_features", {})
-        if "x" not in cache:
-            with torch.no_grad():
-                _, st = ctx.model.forward_with_features(ctx.images.to(ctx.f.device, torch.float32))
-            cache["x"] = pooled_features(st)
-        codes = ref.neighbour_codes(cache["x"][s], s, FKNN_K)  # (n, k, K)
+        codes = ref.neighbour_codes(_query_features(ctx)[s], s, FKNN_K)  # (n, k, K)
         q = ctx.codes.to(codes.device).unsqueeze(1)
         return (0.5 * (ctx.bits - (codes * q).sum(-1))).mean(1).cpu().numpy().astype(np.float64)
 
@@ -407,6 +459,44 @@ def _fknn_at(s: int):
 for _s in range(4):
     register_criterion(f"fknn@{_s}", "high")(_fknn_at(_s))
 
+def trust_ratio(feats: torch.Tensor, codes: torch.Tensor, ref_feats: torch.Tensor, ref_codes: torch.Tensor) -> torch.Tensor:
+    """Trust-score ratio d(x, nearest reference sharing x's code) / d(x, nearest reference not sharing it): (n,).
+
+    feats (n, D) and ref_feats (m, D) L2-normalised (distance sqrt(2 - 2 cos)); codes (n, K) and
+    ref_codes (m, K) ±1; "sharing" means within K/8 bits (TRUST_RADIUS_FRAC). Differentiable in feats
+    (through the two minima). A query whose code no reference shares gets d_same = 4 (> any distance).
+    Jiang et al., "To trust or not to trust a classifier" (NeurIPS 2018), with codes for classes.
+    """
+    bits = codes.shape[1]
+    near = 0.5 * (bits - codes @ ref_codes.T) <= bits * TRUST_RADIUS_FRAC
+    d = (2 - 2 * feats @ ref_feats.T).clamp_min(1e-8).sqrt()
+    d_same = d.masked_fill(~near, 4.0).min(1).values
+    d_other = d.masked_fill(near, 4.0).min(1).values
+    return d_same / d_other.clamp_min(1e-6)
+
+
+TRUST_RADIUS_FRAC = 0.125
+
+
+def _trust_at(s: int):
+    def fn(ctx: ScoreContext) -> np.ndarray:
+        ref: FeatureReference | None = getattr(ctx, "feature_reference", None)
+        if ref is None:
+            raise LookupError("trust criteria need a FeatureReference: score with core.extensions.ReferenceDetector")
+        feats = _query_features(ctx)[s]
+        r = ref.features[ref.stages.index(s)].to(feats.device)
+        ratio = trust_ratio(feats, ctx.codes.to(feats.device).float(), r, ref.codes.to(feats.device))
+        return ratio.cpu().numpy().astype(np.float64)
+
+    return fn
+
+
+#: trust@s: the trust-score ratio in the pooled feature space of backbone stage s (high: x looks, at that stage,
+#: more like database images of another code than like those of its own); trust@in: in input space (INPUT_STAGE)
+for _s in range(4):
+    register_criterion(f"trust@{_s}", "high")(_trust_at(_s))
+register_criterion("trust@in", "high")(_trust_at(INPUT_STAGE))
+
 #: detectors that need a FeatureReference (kept out of DETECTORS: `Detector(model, index)` alone cannot run them)
 REFERENCE_DETECTORS: Registry[DetectorSpec] = Registry("reference detector")
 REFERENCE_DETECTORS.register("umcd-fknn")(lambda: DetectorSpec(
@@ -415,6 +505,21 @@ REFERENCE_DETECTORS.register("umcd-fknn")(lambda: DetectorSpec(
     ("meanblur3",),
     "the paper's rule plus C1 in the feature space of backbone stages 0 and 1: do the database images that look "
     "like x at the first layers share its code? (needs a FeatureReference of the database)",
+))
+
+REFERENCE_DETECTORS.register("umcd-trust")(lambda: DetectorSpec(
+    "umcd-trust",
+    ("c1", "c2", "c3", "trust@0", "trust@1"),
+    ("meanblur3",),
+    "the paper's rule plus the trust-score ratio in the feature space of backbone stages 0 and 1: is x nearer, at "
+    "the first layers, to database images of its own code than to any other? (needs a FeatureReference)",
+))
+REFERENCE_DETECTORS.register("umcd-trust-input")(lambda: DetectorSpec(
+    "umcd-trust-input",
+    ("c1", "c2", "c3", "trust@in"),
+    ("meanblur3",),
+    "the paper's rule plus the trust-score ratio in input space (images average-pooled to 8x8): is x nearer, in "
+    "pixels, to database images of its own code than to any other? (needs a FeatureReference; no extra pass)",
 ))
 
 

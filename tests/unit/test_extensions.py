@@ -59,20 +59,40 @@ def test_extension_calibrates_to_its_target_fpr_on_benign_images_and_scores_batc
     json.dumps(rec)
 
 
-def test_feature_neighbour_detector_calibrates_and_scores_with_a_reference(small_setup):
+@pytest.mark.parametrize("name", ext.REFERENCE_DETECTORS.names())
+def test_reference_detector_calibrates_to_its_target_fpr_and_scores_with_a_reference(small_setup, name):
     model, index, benign, splits = small_setup
     reference = ext.FeatureReference.build(model, splits.database.get(np.arange(120)))
     assert len(reference) == 120 and reference.nbytes == 120 * 4 * sum(f.shape[1] for f in reference.features)
-    det = ext.make_detector("umcd-fknn", model, index, reference=reference, top_k=5)
-    assert isinstance(det, ext.ReferenceDetector) and det.spec.name == "umcd-fknn"
+    det = ext.make_detector(name, model, index, reference=reference, top_k=5)
+    assert isinstance(det, ext.ReferenceDetector) and det.spec.name == name
     cal = det.calibrate(benign, 0.1)
     assert 0.05 < cal.calibration_fpr <= 0.1
     out = det.score_batch(benign[:6])
-    assert set(out.scores) == {"c1", "c2", "c3", "fknn@0", "fknn@1"}
-    assert ((out.scores["fknn@0"] >= 0) & (out.scores["fknn@0"] <= 16)).all()
-    assert "umcd-fknn" not in DETECTORS  # Detector(model, index) alone cannot run it
+    assert set(out.scores) == set(det.spec.criteria)
+    assert name not in DETECTORS  # Detector(model, index) alone cannot run it
     with pytest.raises(ValueError, match="needs a FeatureReference"):
-        ext.make_detector("umcd-fknn", model, index)
+        ext.make_detector(name, model, index)
+
+
+def test_feature_reference_round_trips_through_safetensors(small_setup, tmp_path):
+    model, _, _, splits = small_setup
+    ref = ext.FeatureReference.build(model, splits.database.get(np.arange(20)), ids=np.arange(100, 120))
+    ref.save(tmp_path / "ref.safetensors")
+    again = ext.FeatureReference.load(tmp_path / "ref.safetensors")
+    assert again.stages == ref.stages == (ext.INPUT_STAGE, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(again.features, ref.features))
+    assert torch.equal(again.codes, ref.codes) and np.array_equal(again.ids, ref.ids)
+
+
+def test_trust_ratio_is_low_near_own_code_and_high_near_another():
+    ref_feats = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    ref_codes = torch.tensor([[1.0] * 8, [-1.0] * 8])
+    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, 0.1]]), dim=1)  # both look like reference 0
+    codes = torch.tensor([[1.0] * 8, [-1.0] * 8])  # the second claims reference 1's code
+    ratio = ext.trust_ratio(q, codes, ref_feats, ref_codes)
+    assert ratio[0] < 0.2 and ratio[1] > 5
+    assert float(ratio[0] * ratio[1]) == pytest.approx(1.0, rel=1e-4)  # the two distances swap
 
 
 def test_fknn_of_a_reference_image_counts_its_own_code_first(small_setup):
@@ -228,6 +248,9 @@ def test_adapted_attack_reads_the_detectors_transforms_thresholds_and_randomness
     det.calibrate(benign[:100], 0.1)
     h = adapted_attack(det, 4.0, cfg).hyperparams
     assert h["penalty"].startswith("fknn-pull") and h["lambda_penalty"] == 16.0
+    det = ext.make_detector("umcd-trust-input", model, index, reference=ref, top_k=5)
+    det.calibrate(benign[:100], 0.1)
+    assert adapted_attack(det, 4.0, cfg).hyperparams["penalty"] == "trust(stages=[-1])"
 
 
 def test_attack_plans_skip_a_detector_whose_adapted_attack_repeats_an_earlier_one(small_setup):
@@ -263,12 +286,14 @@ def test_adaptive_benchmark_writes_its_table_json_and_plot(small_setup, tmp_path
     model, _, _, splits = small_setup
     small = type(splits)(splits.name, splits.query.subset(np.arange(0, 1000, 10)), splits.train,
                          splits.database.subset(np.arange(0, 797, 4)), splits.num_classes, splits.seed)
-    cfg = AdaptiveConfig(detectors=("umcd", "umcd-rand"), n_images=4, n_sweep_images=2, steps=1, eot_samples=2,
+    cfg = AdaptiveConfig(detectors=("umcd", "umcd-rand", "umcd-trust-input"), n_images=4, n_sweep_images=2, steps=1, eot_samples=2,
                          weights=(4.0,), eq13_lambda2=(0.3,), mimicry_lambda3=(0.0,), eps_sweep=(16.0,),
                          timing_repeats=1, min_successes=1)
     res = run_adaptive_benchmark(model, small, config=cfg, out_dir=tmp_path, progress=False)
-    assert [r["detector"] for r in res["table"]] == ["umcd", "umcd-rand"]
-    assert set(res["cross"]) == {"eq13(l2=0.3)", "mimicry(l3=0)", "adapted[umcd](w=4)", "adapted[umcd-rand](w=4)"}
+    assert [r["detector"] for r in res["table"]] == ["umcd", "umcd-rand", "umcd-trust-input"]
+    assert set(res["cross"]) == {"eq13(l2=0.3)", "mimicry(l3=0)", "adapted[umcd](w=4)", "adapted[umcd-rand](w=4)",
+                                 "adapted[umcd-trust-input](w=4)"}
+    assert res["detectors"]["umcd-trust-input"]["reference_bytes_per_image"] > 0
     row = res["table"][1]
     assert row["forward_passes"] == 3 and row["time_ratio"] > 0 and 0 <= row["map"] <= 1
     assert set(res["eps_curve"]["umcd"]) == {"8.0", "16.0"}
