@@ -80,8 +80,8 @@ def evaluate_adaptive(
     con.print(f"[bold]adaptive benchmark[/] {splits.describe()}; model {version}; run folder {out}")
     results = run_adaptive_benchmark(
         model, splits, config=cfg, out_dir=out, progress=progress, meta={"model_version": version, "checkpoint": str(path)},
-        log=lambda line: con.print(line, highlight=False),
+        log=lambda line: con.print(line, highlight=False, markup=False),
     )
-    con.print(markdown_table(results))
+    con.print(markdown_table(results), markup=False, highlight=False)
     con.print(f"finished in {results['seconds'] / 60:.1f} min; report: {out / 'report.md'}")
     con.print(json.dumps({"report": str(out / "report.md"), "results": str(out / "results.json")}))
