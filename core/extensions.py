@@ -285,8 +285,8 @@ for _s in range(4):
     register_criterion(f"featr@{_s}", "high")(_feat_at(_s, "random"))
 
 FEATURE_CRITERIA = tuple(f"feat@{s}" for s in range(4)) + tuple(f"featr@{s}" for s in range(4)) + ("c3f",)
-#: criteria that need a pass over x alone through forward_with_features
-QUERY_FEATURE_CRITERIA = tuple(f"fknn@{s}" for s in range(4)) + tuple(f"trust@{s}" for s in range(4)) + ("trust@in",)
+#: criteria that need a pass over x alone through forward_with_features (trust@in reads pixels: no pass)
+QUERY_FEATURE_CRITERIA = tuple(f"fknn@{s}" for s in range(4)) + tuple(f"trust@{s}" for s in range(4))
 
 # ---------------------------------------------------------------------------- detector specs
 
@@ -417,6 +417,10 @@ class FeatureReference:
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.features)
 
+    def nbytes_for(self, stages: Sequence[int]) -> int:
+        """Bytes of the features of the given stages (what a detector reading only those needs)."""
+        return sum(f.numel() * f.element_size() for s, f in zip(self.stages, self.features) if s in stages)
+
     def neighbour_codes(self, feats: torch.Tensor, stage: int, k: int) -> torch.Tensor:
         """Codes (n, k, K) of the k nearest reference images to feats (n, D) in stage ``stage`` (cosine)."""
         ref = self.features[self.stages.index(stage)].to(feats.device)
@@ -431,15 +435,31 @@ def sign_codes_of(f: torch.Tensor) -> torch.Tensor:
 FKNN_K = 10
 
 
-def _query_features(ctx: ScoreContext) -> dict[int, torch.Tensor]:
-    """{stage: features} of x alone for the reference's stages (one forward_with_features pass, cached on ctx)."""
+def _query_features(ctx: ScoreContext, stage: int) -> torch.Tensor:
+    """Features of x alone at one stage, cached on ctx: the input stage needs no forward pass, the backbone
+    stages share one forward_with_features pass over x."""
     cache = ctx.__dict__.setdefault("_umcd_query_features", {})
-    if "x" not in cache:
-        x = ctx.images.to(ctx.f.device, torch.float32)
+    x = ctx.images.to(ctx.f.device, torch.float32)
+    if stage == INPUT_STAGE:
+        if stage not in cache:
+            cache[stage] = stage_features(x, [], [INPUT_STAGE])[INPUT_STAGE]
+        return cache[stage]
+    if "stages" not in cache:
         with torch.no_grad():
             _, st = ctx.model.forward_with_features(x)
-        cache["x"] = stage_features(x, st, ctx.feature_reference.stages)  # type: ignore[attr-defined]
-    return cache["x"]
+        cache["stages"] = pooled_features(st)
+    return cache["stages"][stage]
+
+
+def required_stages(criteria: Sequence[str]) -> tuple[int, ...]:
+    """The FeatureReference stages a detector's criteria read (fknn@s, trust@s, trust@in), in reference order."""
+    need = set()
+    for c in criteria:
+        if c == "trust@in":
+            need.add(INPUT_STAGE)
+        elif c.startswith(("fknn@", "trust@")):
+            need.add(int(c.split("@")[1]))
+    return tuple(sorted(need))
 
 
 def _fknn_at(s: int):
@@ -447,7 +467,7 @@ def _fknn_at(s: int):
         ref: FeatureReference | None = getattr(ctx, "feature_reference", None)
         if ref is None:
             raise LookupError("fknn criteria need a FeatureReference: score with core.extensions.ReferenceDetector")
-        codes = ref.neighbour_codes(_query_features(ctx)[s], s, FKNN_K)  # (n, k, K)
+        codes = ref.neighbour_codes(_query_features(ctx, s), s, FKNN_K)  # (n, k, K)
         q = ctx.codes.to(codes.device).unsqueeze(1)
         return (0.5 * (ctx.bits - (codes * q).sum(-1))).mean(1).cpu().numpy().astype(np.float64)
 
@@ -483,7 +503,7 @@ def _trust_at(s: int):
         ref: FeatureReference | None = getattr(ctx, "feature_reference", None)
         if ref is None:
             raise LookupError("trust criteria need a FeatureReference: score with core.extensions.ReferenceDetector")
-        feats = _query_features(ctx)[s]
+        feats = _query_features(ctx, s)
         r = ref.features[ref.stages.index(s)].to(feats.device)
         ratio = trust_ratio(feats, ctx.codes.to(feats.device).float(), r, ref.codes.to(feats.device))
         return ratio.cpu().numpy().astype(np.float64)
@@ -496,6 +516,13 @@ def _trust_at(s: int):
 for _s in range(4):
     register_criterion(f"trust@{_s}", "high")(_trust_at(_s))
 register_criterion("trust@in", "high")(_trust_at(INPUT_STAGE))
+
+def reference_path(artifacts, version: str):
+    """Where a model version's FeatureReference lives: ``<artifacts>/references/<version>.safetensors``."""
+    from pathlib import Path
+
+    return Path(artifacts) / "references" / f"{version}.safetensors"
+
 
 #: detectors that need a FeatureReference (kept out of DETECTORS: `Detector(model, index)` alone cannot run them)
 REFERENCE_DETECTORS: Registry[DetectorSpec] = Registry("reference detector")

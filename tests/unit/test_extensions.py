@@ -293,7 +293,9 @@ def test_adaptive_benchmark_writes_its_table_json_and_plot(small_setup, tmp_path
     assert [r["detector"] for r in res["table"]] == ["umcd", "umcd-rand", "umcd-trust-input"]
     assert set(res["cross"]) == {"eq13(l2=0.3)", "mimicry(l3=0)", "adapted[umcd](w=4)", "adapted[umcd-rand](w=4)",
                                  "adapted[umcd-trust-input](w=4)"}
-    assert res["detectors"]["umcd-trust-input"]["reference_bytes_per_image"] > 0
+    info = res["detectors"]["umcd-trust-input"]
+    assert info["forward_passes"] == 2  # pixels need no pass; x and t(x) as the paper's rule
+    assert info["reference_bytes_per_image"] == 4 * 3 * 8 * 8  # the input stage alone: 8x8x3 float32
     row = res["table"][1]
     assert row["forward_passes"] == 3 and row["time_ratio"] > 0 and 0 <= row["map"] <= 1
     assert set(res["eps_curve"]["umcd"]) == {"8.0", "16.0"}
