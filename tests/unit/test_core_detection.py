@@ -106,8 +106,8 @@ def test_transforms_keep_shape_and_range():
         assert y.shape == x.shape, name
         assert y.min() >= -1e-6 and y.max() <= 1 + 1e-6, name
     flat = torch.full((1, 3, 8, 8), 0.3)
-    for name in TRANSFORMS.names():
-        assert torch.allclose(get_transform(name)(flat), flat, atol=0.04), name
+    for name in ("identity", "meanblur3", "meanblur5", "median2", "median3", "nlm"):  # smoothing filters
+        assert torch.allclose(get_transform(name)(flat), flat, atol=1e-5), name
 
 
 def test_joint_calibration_hits_the_target_for_the_combined_rule_not_per_criterion():
