@@ -268,6 +268,26 @@ def test_attack_plans_skip_a_detector_whose_adapted_attack_repeats_an_earlier_on
     assert keys[:4] == ["eq13(l2=0.3)", "eq13(l2=3)", "mimicry(l3=0)", "mimicry(l3=1)"]
 
 
+def test_nearest_targets_pick_the_closest_reference_image_of_another_code(small_setup):
+    from core.adaptive_eval import nearest_targets
+
+    model, _, _, splits = small_setup
+    reference = ext.FeatureReference.build(model, splits.database.get())
+    x = splits.query.get(np.arange(5))
+    outputs, ids = nearest_targets(model, splits, x, reference, ext.INPUT_STAGE)
+    assert torch.allclose(outputs, model(splits.database.get(ids)).detach(), atol=1e-5)
+    src_codes = sign_codes(model(x).detach())
+    ham = 0.5 * (16 - src_codes @ reference.codes.T)
+    other = ham > 2  # K/8 = 2 bits
+    q = ext.stage_features(x, [], [ext.INPUT_STAGE])[ext.INPUT_STAGE]
+    d = ((q[:, None] - reference.features[0][None]) ** 2).sum(-1)
+    for i in range(len(x)):
+        if other[i].any():  # the nearest image of another code
+            assert ids[i] == int(d[i].masked_fill(~other[i], np.inf).argmin())
+        else:  # the untrained model gives many sources no other code: the most different one
+            assert ham[i, ids[i]] == ham[i].max()
+
+
 def _outcome(key: str, success, rejected) -> Outcome:
     success = np.asarray(success, bool)
     return Outcome(AttackPlan(key, "consistent", "d", 1.0), 8.0, success, {"d": {0.1: np.asarray(rejected, bool)}}, 0.0, 1, {})
@@ -292,7 +312,7 @@ def test_adaptive_benchmark_writes_its_table_json_and_plot(small_setup, tmp_path
     res = run_adaptive_benchmark(model, small, config=cfg, out_dir=tmp_path, progress=False)
     assert [r["detector"] for r in res["table"]] == ["umcd", "umcd-rand", "umcd-trust-input"]
     assert set(res["cross"]) == {"eq13(l2=0.3)", "mimicry(l3=0)", "adapted[umcd](w=4)", "adapted[umcd-rand](w=4)",
-                                 "adapted[umcd-trust-input](w=4)"}
+                                 "adapted[umcd-trust-input](w=4)", "adapted[umcd-trust-input](w=4,near)"}
     info = res["detectors"]["umcd-trust-input"]
     assert info["forward_passes"] == 2  # pixels need no pass; x and t(x) as the paper's rule
     assert info["reference_bytes_per_image"] == 4 * 3 * 8 * 8  # the input stage alone: 8x8x3 float32
