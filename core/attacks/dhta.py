@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import non_negative, positive_int
-from .base import Attack, register_attack
-from .pgd import pgd_minimise, random_start
+from ._checks import positive_int
+from .base import register_attack
+from .pgd import LinfPGDAttack
 
 
 def anchor_code(codes: Tensor) -> Tensor:
@@ -60,7 +60,7 @@ def anchor_codes_for_labels(
 
 
 @register_attack("dhta")
-class DHTA(Attack):
+class DHTA(LinfPGDAttack):
     """Minimises D_h(h(x'), h_a) s.t. ||x' - x||_inf <= eps (paper Eq. 5) for anchor codes h_a.
 
     ``targets`` are (n, K) ±1 anchor codes (`anchor_code`, `anchor_codes_for_labels`). Each signed
@@ -74,39 +74,14 @@ class DHTA(Attack):
     """
 
     targeted = True
-    norm = "linf"
     default_eps = 8.0
     target_kind = "codes"
     default_threshold_frac = 0.125
 
-    def __init__(
-        self,
-        *,
-        steps: int = 100,
-        step_size: float = 1.0,
-        random_start: bool = False,
-        threshold_bits: float | None = None,
-    ) -> None:
-        super().__init__(threshold_bits=threshold_bits)
-        self.steps = positive_int("steps", steps)
-        self.step_size = non_negative("step_size", step_size)
-        self.random_start = bool(random_start)
-        self.hyperparams.update(steps=self.steps, step_size=self.step_size, random_start=self.random_start)
-
-    def _perturb(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        *,
-        source_codes: Tensor,
-        targets: Tensor | None,
-        eps: float | None,
-        generator: torch.Generator,
-    ) -> Tensor:
-        assert eps is not None and targets is not None
-        start = random_start(x, eps, generator) if self.random_start else None
+    def pgd_loss(self, model: nn.Module, source_codes: Tensor, targets: Tensor | None):
+        assert targets is not None
 
         def loss(x_adv: Tensor) -> Tensor:
             return -(model(x_adv) * targets).sum(1)
 
-        return pgd_minimise(loss, x, eps=eps, step_size=self.step_size / 255.0, steps=self.steps, start=start)
+        return loss
