@@ -53,6 +53,25 @@ def tolerate_collected_redis_channels() -> None:
     tolerant_close.__umcd_tolerant__ = True
     kombu_redis.Channel.close = tolerant_close
 
+    # The same dropped client reaches the periodic sweep that restores unacked messages
+    # (MultiChannelPoller.maybe_restore_messages, on the event loop's timer): it catches connection
+    # errors but not this AttributeError, which then stops the worker. Skip the cycle instead; the
+    # next tick after reconnecting restores them.
+    restore = kombu_redis.MultiChannelPoller.maybe_restore_messages
+
+    @functools.wraps(restore)
+    def tolerant_restore(self):
+        try:
+            return restore(self)
+        except AttributeError:
+            if all(getattr(ch.connection, "client", None) is not None for ch in self._channels):
+                raise
+            log.warning("broker connection lost: skipping this restore cycle of unacknowledged messages")
+            return None
+
+    tolerant_restore.__umcd_tolerant__ = True
+    kombu_redis.MultiChannelPoller.maybe_restore_messages = tolerant_restore
+
 
 tolerate_collected_redis_channels()
 app = make_celery(name="umcd")

@@ -103,3 +103,33 @@ def test_a_broker_channel_with_unacknowledged_messages_closes_after_redis_died(t
         assert unacked == 1  # the message stays with the broker, redelivered after its visibility timeout
     finally:
         redis.cleanup()
+
+
+def test_the_periodic_restore_of_unacked_messages_skips_a_collected_connection(tmp_path):
+    """After a broker connection error the event loop's timer still runs the restore sweep over the
+    collected connection (kombu 5.7 alone: AttributeError 'hostname', and the worker exits with rc 1,
+    seen once in the restart test above); it must skip the cycle instead."""
+    from kombu import Connection, Exchange, Queue
+
+    from workers.app import tolerate_collected_redis_channels
+
+    tolerate_collected_redis_channels()
+    redis = RedisServer(dir=tmp_path / "redis")
+    try:
+        conn = Connection(redis.url, transport_options={"unacked_restore_throttle": 1})
+        queue = Queue("t", Exchange("t", type="direct"), "t")
+        with conn.Producer() as producer:
+            producer.publish({"n": 1}, exchange=queue.exchange, routing_key="t", declare=[queue])
+        got = []
+        consumer = conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)], no_ack=False)
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        channel = conn.default_channel
+        assert len(got) == 1 and channel.active_queues
+        redis.stop()
+        channel.qos._vrestore_count = 0
+        channel._pool = None  # the pool is rebuilt from the (now missing) client on the next use
+        conn._transport.client = None  # what Connection.collect() leaves behind
+        assert conn.transport.cycle.maybe_restore_messages() is None  # skipped, no exception
+    finally:
+        redis.cleanup()
