@@ -146,7 +146,7 @@ def _sum_penalties(penalties: list[Penalty]) -> Penalty | None:
     return total
 
 
-def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig) -> Attack:
+def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig, step_size: float = 1.0) -> Attack:
     """The consistent-mimicry attack adapted to ``det`` (calibrated at the selection FPR).
 
     Every deterministic transform a C3-type criterion reads (c3, c3@j; c3f and feat@s read the mean
@@ -199,6 +199,7 @@ def adapted_attack(det: Detector, weight: float, cfg: AdaptiveConfig) -> Attack:
     return get_attack(
         "consistent_mimicry",
         steps=cfg.steps,
+        step_size=step_size,
         margin=cfg.margin,
         transforms=tuple(fixed),
         lambda_t=weight,
@@ -248,14 +249,21 @@ def attack_plans(cfg: AdaptiveConfig, detectors: dict[str, Detector] | None = No
     return plans
 
 
-def build_attack(plan: AttackPlan, detectors: dict[str, Detector], cfg: AdaptiveConfig, steps: int | None = None) -> Attack:
-    if steps is not None and steps != cfg.steps:
-        cfg = AdaptiveConfig(**{**asdict(cfg), "steps": steps})
+def step_size_for(eps: float, steps: int) -> float:
+    """PGD step in 1/255 units: 1/255, or 2.5·eps/steps when that is larger, so that the cosine-decayed (or
+    constant) steps can cross the whole ball at large eps (25 steps of 1/255 never reach 32/255)."""
+    return max(1.0, 2.5 * eps / steps)
+
+
+def build_attack(plan: AttackPlan, detectors: dict[str, Detector], cfg: AdaptiveConfig, steps: int | None = None,
+                 eps: float | None = None) -> Attack:
+    steps = cfg.steps if steps is None else steps
+    step_size = step_size_for(cfg.eps_main if eps is None else eps, steps)
     if plan.family == "eq13":
-        return get_attack("adaptive", steps=cfg.steps, **plan.params)
+        return get_attack("adaptive", steps=steps, step_size=step_size, **plan.params)
     if plan.family == "mimicry":
-        return get_attack("mimicry", steps=cfg.steps, **plan.params)
-    return adapted_attack(detectors[plan.adapted_to], plan.weight, cfg)
+        return get_attack("mimicry", steps=steps, step_size=step_size, **plan.params)
+    return adapted_attack(detectors[plan.adapted_to], plan.weight, AdaptiveConfig(**{**asdict(cfg), "steps": steps}), step_size)
 
 
 def view_count(attack: Attack) -> int:
@@ -452,7 +460,7 @@ def run_adaptive_benchmark(
         return near_cache[plan.adapted_to]
 
     def run_plan(plan: AttackPlan, eps: float, m: int, steps: int) -> Outcome:
-        attack = build_attack(plan, select, cfg, steps)
+        attack = build_attack(plan, select, cfg, steps, eps)
         outputs = targets_for(plan)
         targets = sign_codes(outputs)[:m] if attack.target_kind == "codes" else outputs[:m]
         t0 = time.perf_counter()
@@ -622,7 +630,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"{results['split']}. Thresholds from {results['n_calibration']} benign calibration queries; held-out FPR on the "
         f"other {results['n_heldout']}. Attacked: {results['n_attacked']} held-out queries at eps {cfg['eps_main']:g}/255, "
         f"{results['n_sweep']} at each of eps {', '.join(f'{e:g}' for e in cfg['eps_sweep'])}/255; {cfg['steps']} PGD steps "
-        f"({cfg['sweep_steps']} at the other eps), "
+        f"({cfg['sweep_steps']} at the other eps), step max(1, 2.5·eps/steps)/255, "
         f"EOT {cfg['eot_samples']} draws a step. Total {results['seconds'] / 60:.1f} min.",
         "",
         f"Success rule: {results['success_rule']}.",

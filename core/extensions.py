@@ -96,7 +96,8 @@ FAMILY: tuple[Member, ...] = (
     Member("noise8+meanblur3", _noisy_blur(8.0, 3), uses_noise=True),
     Member("noise16+gaussblur1", lambda x, z: gaussian_blur((x + z * (16 / 255.0)).clamp(0, 1), 1.0, 5), uses_noise=True),
     Member("shift+meanblur3", lambda x, z: mean_blur(shift(x, 1, -1), 3)),
-    Member("bitdepth4+meanblur3", lambda x, z: mean_blur(bit_depth(x, 4), 3)),
+    # straight-through rounding: the same forward value, an identity gradient for the attacker's EOT (BPDA)
+    Member("bitdepth4+meanblur3", lambda x, z: mean_blur(x + (bit_depth(x, 4) - x).detach(), 3)),
 )
 
 
@@ -135,7 +136,7 @@ class RandomDenoiser:
     attacker's view: members and noise drawn from a torch.Generator (for EOT).
     """
 
-    differentiable = True  # every member passes a useful gradient except median/bit-depth; EOT probes per draw
+    differentiable = True  # every member passes a useful gradient (median routes it, bit depth is straight-through)
 
     def __init__(self, secret: str | bytes | None = None, family: Sequence[Member] = FAMILY) -> None:
         if secret is None:

@@ -288,6 +288,16 @@ def test_nearest_targets_pick_the_closest_reference_image_of_another_code(small_
             assert ham[i, ids[i]] == ham[i].max()
 
 
+def test_attack_step_grows_with_eps_so_large_budgets_are_reachable():
+    from core.adaptive_eval import build_attack, step_size_for
+
+    assert step_size_for(8, 40) == 1.0 and step_size_for(32, 25) == pytest.approx(3.2)
+    cfg = AdaptiveConfig(steps=40)
+    plan = AttackPlan("eq13(l2=0.3)", "eq13", "umcd", 0.3, {"lambda1": 0.0075, "lambda2": 0.3})
+    assert build_attack(plan, {}, cfg, 25, 32.0).hyperparams["step_size"] == pytest.approx(3.2)
+    assert build_attack(plan, {}, cfg).hyperparams["step_size"] == 1.0
+
+
 def _outcome(key: str, success, rejected) -> Outcome:
     success = np.asarray(success, bool)
     return Outcome(AttackPlan(key, "consistent", "d", 1.0), 8.0, success, {"d": {0.1: np.asarray(rejected, bool)}}, 0.0, 1, {})
