@@ -1,8 +1,14 @@
-"""Detector extensions beyond the paper: more transforms, secret random denoisers, feature and neighbour consistency.
+"""Detector extensions beyond the paper: more transforms, secret random denoisers, feature, neighbour and trust checks.
 
 Importing this module registers its transforms (core.transforms.TRANSFORMS), criteria
-(core.detector.CRITERIA) and detector specs (core.detector.DETECTORS); `core.detector` imports it
-at its end, so every detector name below is available wherever `Detector` is.
+(core.detector.CRITERIA) and detector specs; `core.detector` imports it at its end. Specs that need
+only the model and the index (umcd-multi, umcd-rand, umcd-feat, umcd-nbr, umcd-rand-feat) are in
+core.detector.DETECTORS and run through `Detector(model, index, ..., detector=name)`. Specs that
+also read a `FeatureReference` of the database (umcd-trust-input, umcd-trust, umcd-fknn: does x look,
+in pixels or early features, like the database images of the code it retrieves?) are in
+REFERENCE_DETECTORS and run through `ReferenceDetector` / `make_detector(name, model, index,
+reference=...)`; a reference is built once per model version (`FeatureReference.build`, saved at
+`reference_path`).
 
 Threat model of the randomised defense: the attacker knows the model, the criteria, the
 thresholds and the *family* of denoisers, but not the deployment secret, so not which member is
@@ -176,9 +182,7 @@ class RandomDenoiser:
 
 def family_sampler(family: Sequence[Member] = FAMILY) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """The attacker's EOT transform for a family: (x, generator) -> a random member per image."""
-    den = RandomDenoiser("attacker-does-not-know-the-secret", family)
-    fn = den.sample
-    return fn
+    return RandomDenoiser("attacker-does-not-know-the-secret", family).sample
 
 
 TRANSFORMS.register("random-denoise")(lambda secret=None: RandomDenoiser(secret))

@@ -312,6 +312,12 @@ def test_strongest_attack_minimises_tpr_among_attacks_with_enough_successes():
     assert strongest([few, weak], "d", 0.1, min_successes=10).plan.key == "few"
 
 
+def test_outcome_head_restricts_every_per_image_array():
+    o = _outcome("k", [1, 1, 0, 1], [0, 1, 0, 1]).head(2)
+    assert o.success.tolist() == [True, True] and o.rejected["d"][0.1].tolist() == [False, True]
+    assert o.tpr("d", 0.1) == 0.5
+
+
 def test_adaptive_benchmark_writes_its_table_json_and_plot(small_setup, tmp_path):
     model, _, _, splits = small_setup
     small = type(splits)(splits.name, splits.query.subset(np.arange(0, 1000, 10)), splits.train,
