@@ -545,7 +545,7 @@ def run_adaptive_benchmark(
             outs = [o for e, runs in sweep.items() if e <= eps for o in runs]
             if cfg.eps_main <= eps:
                 outs += [o.head(n_sweep) for o in main]
-            best = strongest(outs, name, cfg.select_fpr, max(1, round(cfg.min_successes * n_sweep / n)))
+            best = strongest(outs, name, cfg.select_fpr, cfg.min_successes)  # the same absolute floor as at eps_main
             eps_curve[name][eps] = {"attack": f"{best.plan.key} at eps {best.eps:g}", "success_rate": best.success_rate,
                                     "n_success": int(best.success.sum()),
                                     "tpr": best.tpr(name, cfg.select_fpr), "undetected": best.undetected(name, cfg.select_fpr),
