@@ -701,9 +701,12 @@ def plot_detection_vs_eps(results: dict, path: Path) -> Path:
         axes[0].plot(xs, [curve[e]["tpr"] for e in eps], marker="o", label=d)
         axes[1].plot(xs, [curve[e]["success_rate"] for e in eps], marker="o", label=d)
     axes[0].set_ylabel(f"TPR at FPR {sel:g} (successful adversarials)")
-    axes[1].set_ylabel("attack success rate")
+    axes[1].set_ylabel("success rate of that attack")
+    ticks = sorted({float(e) for c in results["eps_curve"].values() for e in c})
     for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
         ax.set_xlabel("eps (1/255)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
