@@ -198,7 +198,11 @@ class Demo:
             "UMCD_RESULT_BACKEND": settings.result_backend or "", "UMCD_DATABASE_URL": settings.db_url,
             "UMCD_BITS": str(self.cfg.bits), "UMCD_BATCH_MAX_WAIT_MS": "10", "UMCD_MODEL_POLL_INTERVAL_S": "0.5",
             "UMCD_REPLICA_SYNC_INTERVAL_MS": "100", "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+            # the publisher (train task) and the detection workers must agree on the detector (UMCD_DETECTOR)
+            "UMCD_DETECTOR": settings.detector,
         })
+        if settings.detector_secret is not None:  # the random denoiser's secret (umcd-rand*), never printed
+            env["UMCD_DETECTOR_SECRET"] = settings.detector_secret.get_secret_value()
         env.update(extra)
         return env
 

@@ -38,7 +38,10 @@ class Settings(BaseSettings):
     top_k: int = 10
     target_fpr: float = 0.05
     transform: str = "meanblur3"
-    detector: str = "umcd"
+    detector: str = "umcd"  # any name of core.detector.DETECTORS or core.extensions.REFERENCE_DETECTORS
+    #: the deployment secret of the random denoiser of umcd-rand* (core.extensions.RandomDenoiser): workers
+    #: and the publisher put it into os.environ (export_detector_secret); never logged
+    detector_secret: SecretStr | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     index_backend: Literal["auto", "cpu", "gpu"] = "auto"
 
@@ -84,6 +87,25 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         """The audit store's URL: ``UMCD_DATABASE_URL`` or a SQLite file in artifacts."""
         return self.database_url or self.sqlite_url
+
+
+#: the environment variable core.extensions.RandomDenoiser reads its secret from (core.extensions.SECRET_ENV)
+DETECTOR_SECRET_ENV = "UMCD_DETECTOR_SECRET"
+
+
+def export_detector_secret(settings: Settings) -> bool:
+    """Put ``settings.detector_secret`` into ``os.environ[UMCD_DETECTOR_SECRET]`` for the random denoiser.
+
+    Every ``RandomDenoiser`` (the transform of umcd-rand*, the featr@ criteria) reads the secret from
+    that variable when it is created, so a secret given to ``Settings(...)`` in code reaches them too.
+    Returns whether a secret is set (an empty one counts as none); never logs the value.
+    """
+    import os
+
+    secret = settings.detector_secret.get_secret_value() if settings.detector_secret is not None else ""
+    if secret:
+        os.environ[DETECTOR_SECRET_ENV] = secret
+    return bool(secret or os.environ.get(DETECTOR_SECRET_ENV))
 
 
 @lru_cache(maxsize=1)

@@ -16,13 +16,13 @@ from sqlalchemy import func, select
 
 from core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from core.datasets import load_dataset
-from core.detector import Detector
+from core.extensions import REFERENCE_DETECTORS, FeatureReference, make_detector, reference_path
 from core.pipeline import calibrate_detector, calibration_path, checkpoint_path
 from db import repo
 from db.models import DbImage
 from db.session import make_engine, session_scope
-from umcd.settings import Settings, get_settings
-from workers.encoding import encode_packed, encode_stored, images_dir
+from umcd.settings import Settings, export_detector_secret, get_settings
+from workers.encoding import decode_for_model, encode_packed, encode_stored, images_dir
 from workers.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ class PublishResult:
     n_active: int
     reencoded_through_seq: int
     seconds: float
+    #: the FeatureReference file of a REFERENCE_DETECTORS detector (None for the others) and its image count
+    reference_path: str | None = None
+    n_reference: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +117,35 @@ def seed_database(session, ckpt, splits, artifacts: str | Path, *, fraction: flo
     return n
 
 
+def build_reference(engine, ckpt, settings: Settings, *, source: str) -> FeatureReference:
+    """A FeatureReference of the trusted seed images (active ``db_images`` of ``source``) under ``ckpt``'s model.
+
+    Only images seeded by the publisher (inserted directly, never screened) go in: an insertion that
+    passed screening could be an attacker's, and the trust criteria compare queries with this
+    reference. Features are those of ``core.extensions.FeatureReference.build`` (default stages:
+    input 8x8 and backbone stages 0 and 1), ids are the images' ``db_images`` ids. Raises
+    RuntimeError when no seed image can be read.
+    """
+    with session_scope(engine) as s:
+        rows = s.execute(select(DbImage.id, DbImage.image_path)
+                         .where(DbImage.source == source, DbImage.status == "active")
+                         .order_by(DbImage.id)).all()
+    ids: list[int] = []
+    arrays: list[np.ndarray] = []
+    for image_id, path in rows:
+        try:
+            data = Path(path).read_bytes() if path else b""
+            arrays.append(decode_for_model(data, settings, ckpt.meta.image_size))
+            ids.append(int(image_id))
+        except Exception as exc:  # noqa: BLE001 - a missing or broken file leaves this image out
+            log.warning("seed image %d is left out of the feature reference: %s: %s", image_id,
+                        type(exc).__name__, exc)
+    if not arrays:
+        raise RuntimeError(f"no readable trusted images of source {source!r} in the database to build the "
+                           f"feature reference from (publish with seed_fraction > 0)")
+    return FeatureReference.build(ckpt.model, torch.from_numpy(np.stack(arrays)), ids=np.asarray(ids, np.int64))
+
+
 def reencode_missing(engine, ckpt, settings: Settings, *, progress: Callable[[str], None] | None = None
                      ) -> tuple[int, int]:
     """Encode every active image that has no code under ``ckpt.version`` yet; returns (added, unreadable)."""
@@ -156,8 +188,12 @@ def publish(
        ``seed_source``, trusted: inserted directly, not screened);
     3. re-encode every active database image under the new version (``image_codes`` and
        ``index_log`` adds, so replicas of the new version build from the log);
-    4. calibrate the detector on one benign half of the query split against that index (the index
-       the workers will search) and store the calibration (JSON file + ``calibrations`` row);
+    4. for a detector of ``core.extensions.REFERENCE_DETECTORS`` (umcd-trust-input, ...), build the
+       FeatureReference of the trusted seed images (``build_reference``) and save it at
+       ``reference_path(artifacts, version)``, where workers load it; then calibrate the detector
+       on one benign half of the query split against that index (the index the workers will
+       search) and store the calibration (JSON file + ``calibrations`` row; its meta records the
+       reference path);
     5. one more re-encoding pass for images inserted meanwhile, then mark the version active and
        record the log position it covers (workers re-encode later stragglers themselves);
     6. write the index snapshot ``artifacts/index/<version>.faiss`` with its watermark.
@@ -172,6 +208,7 @@ def publish(
     top_k = top_k or settings.top_k
     target_fpr = target_fpr or settings.target_fpr
     seed = settings.seed if seed is None else seed
+    export_detector_secret(settings)  # umcd-rand*: calibrate under the secret the workers will use
     path, ckpt = versioned_checkpoint(artifacts, checkpoint)
     version = ckpt.version
     meta = ckpt.meta
@@ -185,9 +222,18 @@ def publish(
     n_added, n_unreadable = reencode_missing(engine, ckpt, settings, progress=progress)
 
     replica = Replica.bootstrap(engine, version, meta.bits, snapshot_dir=None)
-    det = Detector(ckpt.model, replica.index, None, settings.transform, detector=detector, top_k=top_k)
+    reference = ref_path = None
+    extra_meta: dict[str, Any] = {}
+    if detector in REFERENCE_DETECTORS:
+        reference = build_reference(engine, ckpt, settings, source=seed_source)
+        ref_path = reference_path(artifacts, version).resolve()
+        reference.save(ref_path)
+        extra_meta = {"reference": str(ref_path), "n_reference": len(reference)}
+        _say(progress, f"feature reference of {len(reference)} trusted images for {detector}: {ref_path}")
+    det = make_detector(detector, ckpt.model, replica.index, reference=reference, transform=settings.transform,
+                        top_k=top_k)
     report = calibrate_detector(det, splits, target_fpr=target_fpr, seed=seed,
-                                checkpoint_sha256=ckpt.sha256, model_version=version)
+                                checkpoint_sha256=ckpt.sha256, model_version=version, **extra_meta)
     cal = report.calibration
     cal_path = cal.save(calibration_path(artifacts, version, det.spec.name)).resolve()
     _say(progress, f"calibrated {det.spec.name} at target FPR {target_fpr:.3f} against {len(replica)} codes: "
@@ -203,7 +249,7 @@ def publish(
             s, version, det.spec.name, det.spec.transforms[0], cal.target_fpr, cal.n_samples, cal.thresholds,
             path=str(cal_path),
             meta={"heldout_fpr": report.heldout_fpr, "n_heldout": report.n_heldout, "seed": seed,
-                  "top_k": top_k, "calibration": asdict(cal)},
+                  "top_k": top_k, **extra_meta, "calibration": asdict(cal)},
         )
         calibration_id = int(cal_row.id)
 
@@ -225,6 +271,8 @@ def publish(
         heldout_fpr=float(report.heldout_fpr), thresholds=dict(cal.thresholds), n_seeded=n_seeded,
         n_reencoded=n_added + more, n_unreadable=n_unreadable + more_unreadable, n_active=n_active,
         reencoded_through_seq=head, seconds=seconds,
+        reference_path=None if ref_path is None else str(ref_path),
+        n_reference=0 if reference is None else len(reference),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -16,9 +17,10 @@ import torch
 from core.calibration import Calibration
 from core.checkpoint import load_checkpoint
 from core.detector import Detector
+from core.extensions import REFERENCE_DETECTORS, SECRET_ENV, FeatureReference, make_detector, reference_path
 from db import repo
 from db.session import make_engine, session_scope
-from umcd.settings import Settings
+from umcd.settings import Settings, export_detector_secret
 from workers import auditwrites, metrics
 from workers.batching import MicroBatcher
 from workers.encoding import decode_for_model, encode_stored, store_image
@@ -36,6 +38,11 @@ STRAGGLER_CHUNK = 256
 
 class NoModel(RuntimeError):
     """No model version is published (or loaded) yet: the request should be retried later."""
+
+
+class ModelNotReady(RuntimeError):
+    """The active model version cannot be served yet (its detector's feature reference file is missing or
+    unreadable); the watcher tries again at every poll and the served state, if any, stays."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,6 +111,7 @@ class DetectionRuntime:
     def __init__(self, settings: Settings, *, broker_url: str | None = None) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
+        export_detector_secret(settings)  # the random denoiser of umcd-rand* reads it from os.environ
         self.engine = make_engine(settings.db_url)
         self.artifacts = Path(settings.artifacts)
         self.snapshot_dir = self.artifacts / "index"
@@ -116,6 +124,9 @@ class DetectionRuntime:
         self._threads: list[threading.Thread] = []
         self._straggler_seq: int | None = None
         self._straggler_failed: set[int] = set()
+        #: why the active model is not served (e.g. its feature reference is missing), None when it is
+        self.not_ready: str | None = None
+        self._not_ready_logged: set[tuple[str, int]] = set()
         self._last_snapshot = time.monotonic()
         self.batcher: MicroBatcher[BatchItem, dict] = MicroBatcher(
             self._process, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000.0,
@@ -168,7 +179,7 @@ class DetectionRuntime:
         deadline = time.monotonic() + timeout
         while self._state is None:
             if time.monotonic() >= deadline:
-                raise NoModel("no model version is published yet")
+                raise NoModel(self.not_ready or "no model version is published yet")
             time.sleep(0.05)
         return self._state
 
@@ -186,7 +197,12 @@ class DetectionRuntime:
             return mv, cal
 
     def refresh_model(self) -> bool:
-        """Load the active (model version, calibration) if it differs from the served one; True if switched."""
+        """Load the active (model version, calibration) if it differs from the served one; True if switched.
+
+        A version that cannot be served yet (``ModelNotReady``: its feature reference is missing) is
+        logged once as an error and left in ``not_ready``; the served state, if any, stays and the
+        watcher tries again at its next poll.
+        """
         rows = self._active_rows()
         if rows is None:
             return False
@@ -194,11 +210,21 @@ class DetectionRuntime:
         current = self._state
         if current is not None and current.key == (mv.version, cal_row.id):
             return False
-        if current is not None and current.version == mv.version:
-            # same model, new thresholds: keep the replica and the model, swap the detector
-            state = self._build_state(mv, cal_row, replica=current.replica, model=current.model)
-        else:
-            state = self._build_state(mv, cal_row)
+        try:
+            if current is not None and current.version == mv.version:
+                # same model, new thresholds: keep the replica and the model, swap the detector
+                state = self._build_state(mv, cal_row, replica=current.replica, model=current.model)
+            else:
+                state = self._build_state(mv, cal_row)
+        except ModelNotReady as exc:
+            self.not_ready = str(exc)
+            key = (mv.version, int(cal_row.id))
+            if key not in self._not_ready_logged:
+                self._not_ready_logged.add(key)
+                log.error("model %s is not ready: %s%s", mv.version, exc,
+                          f"; still serving {current.version}" if current is not None else "")
+            return False
+        self.not_ready = None
         with self._state_lock:
             previous, self._state = self._state, state
         self._straggler_seq = int((mv.meta or {}).get("reencoded_through_seq", 0))
@@ -208,9 +234,33 @@ class DetectionRuntime:
                  f"; was {previous.version}/{previous.calibration_id}" if previous is not None else "")
         return True
 
+    def load_reference(self, mv: Any, cal_row: Any) -> FeatureReference | None:
+        """The FeatureReference a REFERENCE_DETECTORS detector needs (None for the others).
+
+        Read from the path the publisher recorded in the calibration's meta, else from
+        ``reference_path(artifacts, version)``; raises ModelNotReady when neither file is there
+        or the file does not load.
+        """
+        if cal_row.detector not in REFERENCE_DETECTORS:
+            return None
+        recorded = (cal_row.meta or {}).get("reference")
+        candidates = [Path(p) for p in dict.fromkeys([recorded, str(reference_path(self.artifacts, mv.version))]) if p]
+        for path in candidates:
+            if path.is_file():
+                try:
+                    return FeatureReference.load(path)
+                except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+                    raise ModelNotReady(f"detector {cal_row.detector} cannot load its feature reference {path}: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+        raise ModelNotReady(
+            f"detector {cal_row.detector} needs the feature reference of model {mv.version}, but there is no file "
+            f"at {' or '.join(str(p) for p in candidates)}; publishing the model with "
+            f"UMCD_DETECTOR={cal_row.detector} builds it")
+
     def _build_state(self, mv: Any, cal_row: Any, replica: Replica | None = None,
                      model: torch.nn.Module | None = None) -> ModelState:
         t0 = time.perf_counter()
+        reference = self.load_reference(mv, cal_row)  # first: a missing file costs no checkpoint load
         ckpt = None
         if model is None:
             ckpt = load_checkpoint(mv.checkpoint_path, device=self.device)
@@ -222,8 +272,11 @@ class DetectionRuntime:
             replica = Replica.bootstrap(self.engine, mv.version, int(mv.bits), self.snapshot_dir,
                                         backend=self.settings.index_backend, on_visible=metrics.observe_visibility)
         top_k = int(calibration.meta.get("top_k", self.settings.top_k))
-        detector = Detector(model, replica.index, calibration, cal_row.transform, detector=cal_row.detector,
-                            top_k=top_k, device=self.device)
+        detector = make_detector(cal_row.detector, model, replica.index, reference=reference, calibration=calibration,
+                                 transform=cal_row.transform, top_k=top_k, device=self.device)
+        if "random-denoise" in detector.spec.transforms and not os.environ.get(SECRET_ENV):
+            log.warning("detector %s draws its random denoiser with the public default secret: set %s",
+                        cal_row.detector, SECRET_ENV)
         image_size = int(ckpt.meta.image_size) if ckpt is not None else self._state.image_size  # type: ignore[union-attr]
         log.info("model %s loaded in %.2f s", mv.version, time.perf_counter() - t0)
         return ModelState(mv.version, int(cal_row.id), cal_row.detector, detector, calibration, replica,
