@@ -120,3 +120,19 @@ def test_the_detector_secret_setting_reaches_the_random_denoiser_and_is_never_pr
     assert RandomDenoiser().draws(x)[0] != RandomDenoiser("another-secret").draws(x)[0]
     monkeypatch.setenv(SECRET_ENV, "from-the-environment")
     assert Settings().detector_secret.get_secret_value() == "from-the-environment"
+
+
+def test_a_plain_detector_published_on_the_same_model_gets_no_reference_and_keeps_the_other_calibration(published):
+    from db import repo
+    from db.session import session_scope
+    from workers.publish import publish
+
+    settings, trust = published
+    plain = publish(Path(trust.checkpoint), settings=settings.model_copy(update={"detector": "umcd"}),
+                    seed_fraction=0.5)
+    assert plain.model_version == trust.model_version and plain.n_seeded == 0  # seeded once, by the first publish
+    assert plain.detector == "umcd" and plain.reference_path is None and plain.n_reference == 0
+    assert set(plain.thresholds) == {"c1", "c2", "c3"}
+    with session_scope(settings.db_url) as s:
+        assert "reference" not in repo.get_calibration(s, plain.calibration_id).meta
+        assert repo.active_calibration(s, trust.model_version, DETECTOR).id == trust.calibration_id
