@@ -1,12 +1,21 @@
 """Joint calibration of detection thresholds from benign samples only, and a combined anomaly score.
 
 Each criterion has a suspicious direction ("high" or "low"). For a benign calibration set of n
-samples, criterion i fires on x when fewer than m+1 benign values are at least as suspicious as x
-(x is beyond the (m+1)-th most suspicious benign value). One rank m is shared by all criteria and
-chosen as the largest for which the *combined* rule (reject when any criterion fires) flags at
-most `target_fpr` of the calibration set. Equivalently, with empirical p-values
-p_i(x) = (1 + #benign at least as suspicious as x) / (n + 1), the rule rejects when
-min_i p_i(x) <= (m + 1) / (n + 1); the combined score is -log10(min_i p_i(x)).
+samples, criterion i fires on x when at most m_i benign values are at least as suspicious as x
+(x is beyond the (m_i+1)-th most suspicious benign value). The ranks are set jointly so that the
+*combined* rule (reject when any criterion fires) flags at most `target_fpr` of the calibration set,
+each calibration sample judged against the other n - 1 as a new input would be (leave-one-out):
+
+1. one rank m shared by all criteria, the largest for which the combined rule stays within target;
+2. then, because ties (C1 is 0 for most benign queries) and the union make one shared step coarse,
+   each criterion's own rank m_i is raised to its next tie group, lowest level first, while the union
+   still stays within target (without ties this lands exactly on floor(target * n) samples).
+
+With empirical p-values p_i(x) = (1 + #benign at least as suspicious as x) / (n + 1) and levels
+q_i = (m_i + 1) / (n + 1), the rule rejects when min_i p_i(x) / q_i <= 1. The combined score is
+-log10(q * min_i p_i(x) / q_i) with q = (m + 1) / (n + 1): -log10(min_i p_i(x)) when every m_i = m
+(the smallest per-criterion p-value), and in general exactly equivalent to the rule through
+`combined_threshold`.
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ class Calibration:
     benign: dict[str, list[float]]  # sorted benign values per criterion (ascending)
     calibration_fpr: float
     meta: dict = field(default_factory=dict)
+    ranks: dict[str, int] | None = None  # per-criterion ranks m_i (None: every criterion at `rank`)
+    #: leave-one-out FPR on the calibration set: each sample judged against the others, as a new input
+    #: would be (the estimate of the held-out FPR; `calibration_fpr` counts each sample against itself too)
+    expected_fpr: float | None = None
 
     # ---------------------------------------------------------------- fitting
     @classmethod
@@ -62,28 +75,43 @@ class Calibration:
             raise ValueError("every criterion needs one value per calibration sample")
         # c[j, i]: number of benign values at least as suspicious as sample j's value of criterion i
         counts = np.stack([_count_at_least(_suspicion(scores[k], directions[k])) for k in names], 1)
-        cmin = counts.min(1)
-        # the union fires on sample j iff cmin_j <= m; choose the largest m with rate(m) <= target
-        sorted_c = np.sort(cmin)
+        # A new input fires criterion i when at most m_i benign values are at least as suspicious. Seen
+        # as such an input, calibration sample j has c[j, i] - 1 of the *other* samples at least as
+        # suspicious (leave-one-out); ranks are chosen on those counts. Counting j against itself
+        # would make every criterion look one rank stricter than it is on new data, and the union of
+        # three criteria would run ~3/n above target on held-out images.
+        loo = counts - 1
         allowed = int(np.floor(target_fpr * n + 1e-9))  # samples that may fire
-        m = int(sorted_c[allowed] - 1) if allowed < n else int(n)
-        m = max(m, 0)
-        cal_fpr = float((cmin <= m).mean())
+        sorted_c = np.sort(loo.min(1))
+        # one shared rank first: the largest m with #{j: min_i loo[j, i] <= m} <= allowed
+        m = int(sorted_c[allowed] - 1) if allowed < n else n - 1
+        m = max(m, 0)  # rank 0: fire only beyond every benign value
+        ranks = _refine_ranks(loo, m, allowed, n)
+        expected_fpr = float((loo <= ranks[None, :]).any(1).mean())
+        cal_fpr = float((counts <= ranks[None, :]).any(1).mean())
         thresholds = {}
-        for k in names:
+        for i, k in enumerate(names):
             sus = np.sort(_suspicion(scores[k], directions[k]))[::-1]  # most suspicious first
-            v = sus[min(m, n - 1)]
+            v = sus[min(int(ranks[i]), n - 1)]
             thresholds[k] = float(v if directions[k] == "high" else -v)
         benign = {k: np.sort(np.asarray(scores[k], dtype=np.float64)).tolist() for k in names}
         meta.setdefault("created_at", time.time())
-        return cls(names, [directions[k] for k in names], target_fpr, n, m, thresholds, benign, cal_fpr, meta)
+        return cls(names, [directions[k] for k in names], target_fpr, n, m, thresholds, benign, cal_fpr, meta,
+                   {k: int(r) for k, r in zip(names, ranks)}, expected_fpr)
 
     # ---------------------------------------------------------------- applying
+    def _benign_array(self, k: str) -> np.ndarray:
+        """Sorted benign values of criterion k as an array (converted once: this is on the query path)."""
+        cache = self.__dict__.setdefault("_arrays", {})
+        if k not in cache:
+            cache[k] = np.asarray(self.benign[k], dtype=np.float64)
+        return cache[k]
+
     def _counts(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """(n, m): benign values at least as suspicious as each value."""
         cols = []
         for k, d in zip(self.names, self.directions):
-            ref = np.asarray(self.benign[k])
+            ref = self._benign_array(k)
             v = np.asarray(scores[k], dtype=np.float64)
             if d == "high":
                 cols.append(len(ref) - np.searchsorted(ref, v, side="left"))
@@ -103,9 +131,19 @@ class Calibration:
         """(n, m) empirical p-values (1 + count) / (n_samples + 1)."""
         return (self._counts(scores) + 1.0) / (self.n_samples + 1.0)
 
+    def criterion_ranks(self) -> np.ndarray:
+        """(m,) int: each criterion's rank m_i (in `names` order)."""
+        if self.ranks is None:
+            return np.full(len(self.names), self.rank, dtype=np.int64)
+        return np.array([self.ranks[k] for k in self.names], dtype=np.int64)
+
     def combined_score(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        """(n,) -log10 of the smallest per-criterion p-value: higher is more anomalous."""
-        return -np.log10(self.pvalues(scores).min(1))
+        """(n,) -log10(q * min_i p_i / q_i): the smallest per-criterion p-value, each scaled to its level
+        (q_i = (m_i + 1) / (n + 1), q the shared level). Higher is more anomalous."""
+        cache = self.__dict__.setdefault("_arrays", {})
+        if "_scale" not in cache:  # q / q_i = (m + 1) / (m_i + 1) per criterion, times 1 / (n + 1)
+            cache["_scale"] = (self.rank + 1.0) / (self.criterion_ranks() + 1.0) / (self.n_samples + 1.0)
+        return -np.log10(((self._counts(scores) + 1.0) * cache["_scale"][None, :]).min(1))
 
     def reject(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """(n,) bool: the combined rule (any criterion fires)."""
@@ -115,10 +153,12 @@ class Calibration:
     def combined_threshold(self) -> float:
         """The combined score above which an input is rejected (equivalent to `reject`).
 
-        Rejection is min p <= (rank + 1) / (n + 1); p moves in steps of 1 / (n + 1), so the boundary
-        is put half a step above it to keep a strict `>` exact in floating point.
+        Rejection is min_i p_i / q_i <= 1, i.e. score >= -log10 q. The next ratio above 1 is
+        (m_i + 2) / (m_i + 1) >= 1 + 1 / n, so the boundary is put at ratio 1 + 0.5 / (n + 1), between
+        the two, to keep a strict `>` exact in floating point.
         """
-        return float(-np.log10((self.rank + 1.5) / (self.n_samples + 1.0)))
+        shared = (self.rank + 1.0) / (self.n_samples + 1.0)
+        return float(-np.log10(shared * (1.0 + 0.5 / (self.n_samples + 1.0))))
 
     # ---------------------------------------------------------------- storage
     def to_json(self) -> str:
@@ -139,6 +179,36 @@ class Calibration:
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
         return cls.from_json(Path(path).read_text())
+
+
+def _refine_ranks(counts: np.ndarray, m: int, allowed: int, n: int) -> np.ndarray:
+    """Per-criterion ranks (k,) from the shared rank m: repeatedly raise the criterion whose next tie
+    group (the next count value in its column) is the lowest, if the union of fired samples stays
+    within ``allowed``; a criterion whose next step overshoots is done (the union only grows).
+
+    counts: (n, k) benign values at least as suspicious as each sample's value, per criterion.
+    """
+    k = counts.shape[1]
+    ranks = np.full(k, m, dtype=np.int64)
+    fired = (counts <= ranks[None, :]).any(1)
+    active = set(range(k))
+    while active:
+        steps = {}
+        for i in active:
+            above = counts[:, i][counts[:, i] > ranks[i]]
+            nxt = int(above.min()) if len(above) else n
+            steps[i] = nxt
+        i = min(active, key=lambda j: (steps[j], j))
+        nxt = steps[i]
+        if nxt >= n:  # no further tie group (or it would fire on every sample)
+            active.discard(i)
+            continue
+        grown = fired | (counts[:, i] <= nxt)
+        if grown.sum() > allowed:
+            active.discard(i)
+            continue
+        ranks[i], fired = nxt, grown
+    return ranks
 
 
 def _count_at_least(sus: np.ndarray) -> np.ndarray:

@@ -249,6 +249,7 @@ def publish(
             s, version, det.spec.name, det.spec.transforms[0], cal.target_fpr, cal.n_samples, cal.thresholds,
             path=str(cal_path),
             meta={"heldout_fpr": report.heldout_fpr, "n_heldout": report.n_heldout, "seed": seed,
+                  "crossfit_fpr": cal.meta.get("crossfit_fpr"), "expected_fpr": cal.expected_fpr,
                   "top_k": top_k, **extra_meta, "calibration": asdict(cal)},
         )
         calibration_id = int(cal_row.id)

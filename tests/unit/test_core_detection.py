@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,11 +117,50 @@ def test_joint_calibration_hits_the_target_for_the_combined_rule_not_per_criteri
     n = 1000
     scores = {"a": rng.normal(size=n), "b": rng.normal(size=n), "c": rng.normal(size=n)}
     cal = Calibration.fit(scores, {"a": "high", "b": "low", "c": "high"}, 0.05)
-    assert cal.calibration_fpr == pytest.approx(0.05, abs=1 / n)
+    assert cal.expected_fpr == pytest.approx(0.05, abs=1 / n)  # each sample judged against the others
+    # counted against itself too, each criterion looks one rank stricter: up to 3/n lower in-sample
+    assert 0.05 - 3 / n - 1e-12 <= cal.calibration_fpr < cal.expected_fpr
     per_criterion = cal.fired(scores).mean(0)
     assert np.all(per_criterion < 0.05)  # each criterion alone is stricter than the target
     # the combined score reproduces the any-fires rule exactly
     assert np.array_equal(cal.combined_score(scores) > cal.combined_threshold, cal.reject(scores))
+
+
+def test_per_criterion_ranks_fill_the_target_that_ties_leave_under_one_shared_rank():
+    """C1-like ties: most benign values are 0, so one shared rank overshoots or undershoots in big steps;
+    raising each criterion's own rank lands the combined rule (leave-one-out) exactly on the allowed count."""
+    n = 100
+    idx = np.arange(n)
+    c1 = np.where(idx < 4, 1.0, 0.0)  # four tied suspicious values, the rest tied at 0
+    c2 = ((idx - 10) % n).astype(float)  # "low": samples 10, 11, 12, ... most suspicious
+    c3 = -((idx - 20) % n).astype(float)  # "high": samples 20, 21, 22, ... most suspicious
+    scores = {"c1": c1, "c2": c2, "c3": c3}
+    cal = Calibration.fit(scores, {"c1": "high", "c2": "low", "c3": "high"}, 0.05)
+    loo = cal._counts(scores) - 1  # each sample against the other 99
+    # one shared rank: m = 1 fires 4 samples (m = 2 would fire 6 > 5); C1's tie group of 4 never fits
+    assert cal.rank == 1 and (loo <= cal.rank).any(1).sum() == 4
+    assert cal.ranks == {"c1": 1, "c2": 2, "c3": 1}  # C2 takes one more sample; C3 then would overshoot
+    assert (loo <= cal.criterion_ranks()).any(1).sum() == 5 and cal.expected_fpr == pytest.approx(0.05)
+    assert cal.reject(scores).sum() == 3 and cal.calibration_fpr == pytest.approx(0.03)  # in-sample
+    rng = np.random.default_rng(3)
+    assert np.all(cal.criterion_ranks() >= cal.rank)
+    assert np.array_equal(cal.combined_score(scores) > cal.combined_threshold, cal.reject(scores))
+    new = {k: rng.permutation(v) + rng.normal(0, 0.5, n) for k, v in scores.items()}
+    assert np.array_equal(cal.combined_score(new) > cal.combined_threshold, cal.reject(new))
+
+
+def test_a_calibration_saved_before_per_criterion_ranks_still_loads_with_the_shared_rank():
+    rng = np.random.default_rng(4)
+    scores = {"c1": rng.random(200), "c2": rng.random(200)}
+    cal = Calibration.fit(scores, {"c1": "high", "c2": "low"}, 0.1)
+    old = json.loads(cal.to_json())
+    del old["ranks"]
+    for k, d in zip(cal.names, cal.directions):  # what the shared rank alone gave
+        sus = np.sort(np.asarray(scores[k]) * (1 if d == "high" else -1))[::-1]
+        old["thresholds"][k] = float(sus[cal.rank] * (1 if d == "high" else -1))
+    legacy = Calibration.from_json(json.dumps(old))
+    assert np.array_equal(legacy.criterion_ranks(), [cal.rank, cal.rank])
+    assert np.array_equal(legacy.combined_score(scores) > legacy.combined_threshold, legacy.reject(scores))
 
 
 def test_calibration_saved_and_reloaded_gives_the_same_verdicts(tmp_path):

@@ -105,6 +105,11 @@ def calibrate(
         f"{rep.calibration.target_fpr:.3f}: calibration FPR {rep.calibration.calibration_fpr:.3f}, "
         f"held-out FPR [bold]{rep.heldout_fpr:.3f}[/] on {rep.n_heldout} images"
     )
+    con.print(
+        f"the other way round (fitted on the held-out half, measured on the first): {rep.swapped_fpr:.3f}; "
+        f"cross-fit FPR (every benign image held out once) [bold]{rep.crossfit_fpr:.3f}[/] "
+        f"on {rep.n_calibration + rep.n_heldout} images"
+    )
     con.print(f"thresholds: {json.dumps({k: round(v, 4) for k, v in rep.calibration.thresholds.items()})}")
     con.print(f"calibration: {path}")
 
