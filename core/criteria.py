@@ -19,6 +19,8 @@ def c1_mean_hamming(distances: np.ndarray, bits: int) -> np.ndarray:
     ignored; a row with no neighbour at all gets C1 = bits/2 (the distance of an unrelated code).
     """
     d = np.asarray(distances, dtype=np.float64)
+    if d.size and d.max() <= bits:  # every neighbour present (the usual case): a plain mean
+        return d.mean(1)
     valid = d <= bits
     cnt = valid.sum(1)
     s = np.where(valid, d, 0).sum(1)

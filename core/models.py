@@ -37,7 +37,7 @@ def create_model(backbone: str = "smallcnn", bits: int = 64, weights_path=None) 
 
 def sign_codes(f: torch.Tensor) -> torch.Tensor:
     """h = sign(f) with sign(0) = +1: (n, K) float in {-1, +1}."""
-    return torch.where(f >= 0, torch.ones_like(f), -torch.ones_like(f))
+    return torch.where(f >= 0, 1.0, -1.0).to(f.dtype)
 
 
 @torch.no_grad()

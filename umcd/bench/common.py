@@ -56,23 +56,58 @@ def timeit(fn: Callable[[], object], *, repeat: int = 7, warmup: int = 2, sync: 
 
 
 def timeit_paired(fns: dict[str, Callable[[], object]], *, repeat: int = 9, warmup: int = 2,
-                  sync: Callable[[], None] | None = None) -> dict[str, dict]:
-    """Times several functions interleaved (A B C, A B C, ...) so that drifting machine load hits all alike."""
+                  sync: Callable[[], None] | None = None, min_time: float = 0.0,
+                  max_repeat: int = 10_000) -> dict[str, dict]:
+    """Times several functions interleaved (A B C, A B C, ...) so that drifting machine load hits all alike.
+
+    At least `repeat` rounds, and more until `min_time` seconds have passed (at most `max_repeat`
+    rounds): cheap calls (batch size 1) get hundreds of rounds, so their medians are stable.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+            if sync:
+                sync()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeat or (time.perf_counter() - start < min_time and rounds < max_repeat):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             if sync:
                 sync()
             times[k].append(time.perf_counter() - t0)
+        rounds += 1
     return {
-        k: {"median": statistics.median(v), "min": min(v), "p90": float(np.percentile(v, 90)), "runs": repeat}
+        k: {"median": statistics.median(v), "min": min(v), "p90": float(np.percentile(v, 90)), "runs": rounds}
         for k, v in times.items()
     }
+
+
+class torch_threads:
+    """Context manager: run torch (and FAISS's OpenMP) on `n` threads, restoring the previous count."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+
+    def __enter__(self) -> "torch_threads":
+        import faiss
+        import torch
+
+        self.before = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(int(self.n))
+            faiss.omp_set_num_threads(int(self.n))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import faiss
+        import torch
+
+        if self.n:
+            torch.set_num_threads(self.before)
+            faiss.omp_set_num_threads(self.before)
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -45,7 +45,7 @@ def bench_all(
     if ctx.invoked_subcommand is not None:
         return
     folder = _out(out)
-    overhead(out=folder, device=device, quick=quick)
+    overhead(out=folder, device=device, quick=quick, threads=1)
     index(out=folder, device=device, quick=quick)
     memory(out=folder, quick=quick)
     fleet(out=folder, quick=quick)
@@ -53,13 +53,14 @@ def bench_all(
 
 
 @bench_app.command()
-def overhead(out: Optional[Path] = typer.Option(None), device: str = "cpu", quick: bool = False) -> None:
+def overhead(out: Optional[Path] = typer.Option(None), device: str = "cpu", quick: bool = False,
+             threads: int = typer.Option(1, help="torch/FAISS threads while timing (CPU); 0 keeps torch's default")) -> None:
     """Fig. 6: retrieval vs retrieval + detection at batch sizes 1..256, with the (2F+S)/(F+S) floor."""
     from umcd.bench.overhead import run_overhead
 
     folder = _out(out)
     r = run_overhead(get_settings().artifacts, folder, device=device, repeat=5 if quick else 15,
-                     db_size=10_000 if quick else 100_000)
+                     db_size=10_000 if quick else 100_000, threads=threads or None, min_time=0.3 if quick else 4.0)
     _print_table("detection overhead", r["rows"], ["batch_size", "retrieval_ms_per_image", "detection_ms_per_image",
                                                   "overhead_ratio", "floor_ratio", "ratio_over_floor"])
     typer.echo(f"wrote {folder / 'overhead.json'} and overhead.png")
