@@ -36,6 +36,23 @@ DEFAULT_BATCH_SIZE = 64
 BATCH_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
+
+def kwargs_summary(kwargs: dict[str, Any]) -> str:
+    """What task events, logs and Flower show of a message's kwargs: images replaced by a summary.
+
+    Celery would otherwise ``repr`` the kwargs on the worker for every message (base64 image data
+    in every event: slow, large, and nothing a monitoring page should hold).
+    """
+    shown: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "image":
+            shown[key] = "<image>"
+        elif key == "items" and isinstance(value, list):
+            shown[key] = f"<{len(value)} images>"
+        else:
+            shown[key] = value
+    return repr(shown)[:1024]
+
 class ImageTooLarge(ValueError):
     """The image has more bytes than ``settings.max_image_bytes``."""
 
@@ -123,7 +140,8 @@ class Client:
         listed = self._list_in_ledger(task, kwargs, request_id, queue)
         try:
             self.app.send_task(task, kwargs=kwargs, task_id=request_id, producer=producer,
-                               retry=True, retry_policy=self.retry_policy, **options)
+                               retry=True, retry_policy=self.retry_policy, argsrepr="()",
+                               kwargsrepr=kwargs_summary(kwargs), **options)
         except OperationalError as exc:
             if listed:
                 self._unlist(request_id)

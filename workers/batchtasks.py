@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
@@ -42,13 +43,26 @@ def store_item_results(backend: Any, entries: list[tuple[str, dict | BaseExcepti
             backend.store_result(rid, outcome, state)
         return
     expires = getattr(backend, "expires", None)
+    plain_json = getattr(backend, "serializer", None) == "json"
+    date_done = backend.app.now().isoformat()  # one timestamp for the batch (what _get_result_meta stamps)
     with client.pipeline(transaction=False) as pipe:
         for rid, state, outcome in prepared:
-            meta = backend._get_result_meta(result=backend.encode_result(outcome, state), state=state,
-                                            traceback=None, request=None)
-            meta["task_id"] = rid
+            value = None
+            if plain_json and state == states.SUCCESS:
+                # the meta _get_result_meta builds for a request-less SUCCESS, encoded once with the
+                # standard library (a Result is plain JSON); anything else takes Celery's own path
+                meta = {"status": state, "result": outcome, "traceback": None, "children": [],
+                        "date_done": date_done, "task_id": rid}
+                try:
+                    value = json.dumps(meta, allow_nan=False)
+                except (TypeError, ValueError):
+                    value = None
+            if value is None:
+                meta = backend._get_result_meta(result=backend.encode_result(outcome, state), state=state,
+                                                traceback=None, request=None)
+                meta["task_id"] = rid
+                value = backend.encode(meta)
             key = backend.get_key_for_task(rid)
-            value = backend.encode(meta)
             pipe.set(key, value, ex=int(expires) if expires else None)
             pipe.publish(key, value)
         pipe.execute()

@@ -207,7 +207,9 @@ def decode_image(
             chw = np.repeat(plane[None, :, :], 3, axis=0)
         else:
             try:
-                rgb = _to_rgb8(im).resize(size, RESAMPLE, reducing_gap=3.0)
+                rgb = _to_rgb8(im)
+                if rgb.size != tuple(size):  # already the model's size: no resampling (and no copy)
+                    rgb = rgb.resize(size, RESAMPLE, reducing_gap=3.0)
             except InvalidImage:
                 raise
             except Exception as exc:  # noqa: BLE001 - lazy decoders may fail only now

@@ -44,7 +44,8 @@ def _queued(raw: redis.Redis, queue: str) -> list[dict]:
     for payload in reversed(raw.lrange(queue, 0, -1)):  # kombu LPUSHes: the oldest is last
         message = json.loads(payload)
         args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-        out.append({"task": message["headers"]["task"], "id": message["headers"]["id"], "kwargs": kwargs})
+        out.append({"task": message["headers"]["task"], "id": message["headers"]["id"], "kwargs": kwargs,
+                    "kwargsrepr": message["headers"].get("kwargsrepr")})
     return out
 
 
@@ -65,6 +66,17 @@ def test_batch_queries_travel_batch_size_images_to_a_message_in_order(broker):
     first = messages[0]["kwargs"]
     assert first["client"] == "bench" and isinstance(first["submitted_at"], float)
     assert base64.b64decode(first["items"][0]["image"]["inline"]) == images[0]
+    # what events, logs and Flower show: no image data, the count instead
+    assert "<4 images>" in messages[0]["kwargsrepr"] and "inline" not in messages[0]["kwargsrepr"]
+
+
+def test_a_single_message_shows_its_kwargs_without_the_image(broker):
+    client, raw = broker
+    client.submit_query(_png(8), request_id="one-1", client="cli")
+    (message,) = _queued(raw, "detect")
+    assert message["kwargs"]["image"]["inline"]  # the worker still gets the image
+    assert "<image>" in message["kwargsrepr"] and "'cli'" in message["kwargsrepr"]
+    assert "inline" not in message["kwargsrepr"]
 
 
 def test_batch_insertions_go_to_the_screen_queue_with_their_source_and_label(broker):
@@ -113,6 +125,9 @@ def test_results_stored_per_item_are_read_by_wait_as_results_and_errors(broker):
     assert "ValueError" in bad.reasons[0] and "no such image" in bad.reasons[0]
     assert client.state("r-ok") == "SUCCESS" and client.state("r-bad") == "FAILURE"
     assert 0 < raw.ttl(client.app.backend.get_key_for_task("r-ok")) <= 24 * 3600
+    stored = json.loads(raw.get(client.app.backend.get_key_for_task("r-ok")))  # the meta Celery itself writes
+    assert set(stored) == {"status", "result", "traceback", "children", "date_done", "task_id"}
+    assert stored["task_id"] == "r-ok" and stored["children"] == [] and stored["date_done"]
     published = []
     while (message := pubsub.get_message(timeout=1.0)) is not None:
         published.append(message["channel"].decode())

@@ -211,6 +211,47 @@ class ResultListener:
         self.redis.close()
 
 
+# --------------------------------------------------------------------------- where the CPU went
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of the fleet's processes and of this (producer) process over a phase.
+
+    kinds: the fleet's services grouped by kind (``worker``, ``redis``, ...) plus ``producer`` (this
+    process: the SDK sending, the result listener). On a machine where all of them share the cores,
+    this says whether the fleet was CPU-bound and what else the cores were doing.
+    """
+
+    def __init__(self, fleet) -> None:
+        import psutil
+
+        self.procs: list[tuple[str, object]] = [("producer", psutil.Process())]
+        state = fleet.read_state() if fleet is not None else None
+        for record in (state.services if state else []):
+            try:
+                self.procs.append((record.kind, psutil.Process(record.pid)))
+            except psutil.Error:
+                continue
+        self._start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, proc in self.procs:
+            try:
+                t = proc.cpu_times()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - a process gone mid-phase counts as what it had used
+                continue
+            out[kind] = out.get(kind, 0.0) + t.user + t.system
+        return out
+
+    def stop(self, seconds: float) -> dict:
+        end = self._sample()
+        used = {k: round(end.get(k, 0.0) - self._start.get(k, 0.0), 3) for k in end}
+        total = sum(used.values())
+        return {"cpu_seconds": used, "cpu_seconds_total": round(total, 3),
+                "cores_busy": round(total / max(seconds, 1e-9), 3), "cores": os.cpu_count()}
+
+
 # --------------------------------------------------------------------------- phases
 
 
@@ -443,6 +484,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             prefix = f"{mode}-{tag}-"
             ids = [f"{prefix}{i}" for i in range(n)]
             images = _query_pngs(n)
+            meter = CpuMeter(fleet)
             t_send = time.perf_counter()
             if per_message is None:
                 sent, lag = _send_single(client, ids, images, rate)
@@ -451,6 +493,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
                 sent, messages, lag = _send_batches(client, ids, images, per_message, rate)
             phase = Phase(mode, load, submission, rate, sent, messages, lag, time.perf_counter() - t_send)
             rows.append(_phase_row(phase, listener, client, db_url, prefix, plan.timeout_s))
+            rows[-1]["cpu"] = meter.stop(time.perf_counter() - t_send)
     except BaseException:
         log.error("the fleet benchmark failed; its servers' logs are kept in %s", work)
         raise
