@@ -207,3 +207,17 @@ def test_heldout_benign_fpr_on_digits_is_near_the_target(trained_digits, digits_
     rep = calibrate_detector(det, digits_splits, target_fpr=0.05, seed=0)
     assert rep.n_calibration == 500 and rep.n_heldout == 500
     assert 0.03 <= rep.heldout_fpr <= 0.07
+
+
+def test_a_batch_cut_into_forward_chunks_scores_as_one_pass(tiny_model, digits_splits):
+    index = build_index(tiny_model, digits_splits.database.subset(np.arange(60)))
+    det = Detector(tiny_model, index, top_k=5)
+    det.calibrate(digits_splits.query.get(np.arange(40)), 0.1)
+    x = digits_splits.query.get(np.arange(40, 53))  # 13 images: chunks of 2 x-images (+ their t(x)) and a rest
+    whole = det.score_batch(x)
+    det.max_forward = 4
+    chunked = det.score_batch(x)
+    assert chunked.verdicts == whole.verdicts
+    assert np.array_equal(chunked.codes, whole.codes) and np.array_equal(chunked.ids, whole.ids)
+    for k in ("c1", "c2", "c3"):
+        np.testing.assert_allclose(chunked.scores[k], whole.scores[k], atol=1e-4)
