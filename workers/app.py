@@ -6,6 +6,7 @@ import functools
 import logging
 import threading
 
+import redis
 from celery import bootsteps, signals
 
 from umcd.celeryconf import make_celery
@@ -42,7 +43,7 @@ def tolerate_collected_redis_channels() -> None:
     def tolerant_close(self):
         try:
             return close(self)
-        except AttributeError:
+        except (AttributeError, redis.exceptions.ConnectionError):
             if getattr(self.connection, "client", None) is not None:
                 raise
             log.warning("broker connection lost: %d unacknowledged message(s) stay with the broker and come back "
@@ -92,7 +93,16 @@ def reuse_redis_clients() -> None:
     def cached_create(self, asynchronous=False):
         if asynchronous:
             return create(self, asynchronous)
-        pool = self.pool
+        try:
+            pool = self.pool
+        except AttributeError:
+            # Redis went away and Celery collected the connection: kombu would raise this
+            # AttributeError from deep inside (an ack of a finished task then stops the worker, as
+            # seen in the broker-restart chaos test); a connection error is what its callers handle
+            # (the ack is logged as failed, the message stays unacked and comes back)
+            if getattr(self.connection, "client", None) is None:
+                raise redis.exceptions.ConnectionError("the broker connection was closed (Redis went away)") from None
+            raise
         cached = self.__dict__.get("_umcd_sync_client")
         if cached is None or cached.connection_pool is not pool:
             cached = create(self, False)

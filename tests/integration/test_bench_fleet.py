@@ -47,6 +47,12 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
             rows[mode]["images_per_s"] / rows["in_process_batch16"]["images_per_s"])
     assert "ratio_to_in_process" not in rows["fleet_single_open_loop"]
     assert set(result["targets"]) == {"batch_throughput_ratio", "query_p99_ms_open_loop"}
+    for mode in MODES[2:]:  # where the CPU went: the two workers, the producer (this process), redis-server
+        cpu = rows[mode]["cpu"]
+        assert set(cpu["cpu_seconds"]) == {"producer", "worker", "redis"} and cpu["cpu_seconds"]["worker"] > 0
+        assert len(cpu["worker_rss_mib_start"]) == 2 and all(v > 50 for v in cpu["worker_rss_mib_end"].values())
+    memory = result["worker_memory"]
+    assert memory["requests"] == sum(rows[m]["images"] for m in MODES[2:]) and len(memory["growth"]) == 2
 
     written = json.loads((tmp_path / "out" / "fleet.json").read_text())
     assert written == json.loads(json.dumps(result, default=float))

@@ -26,3 +26,16 @@ def test_a_channel_reuses_its_client_until_its_pool_is_replaced(channel):
 
 def test_asynchronous_clients_are_left_to_kombu(channel):
     assert channel._create_client(asynchronous=True) is not channel._create_client(asynchronous=True)
+
+
+def test_a_collected_connection_raises_a_connection_error_that_kombu_handles(channel):
+    import redis
+
+    channel._disconnect_pools()
+    client = channel.connection.client
+    channel.connection.client = None  # what Celery's collect() leaves when Redis went away
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):
+            channel._create_client()
+    finally:
+        channel.connection.client = client

@@ -233,6 +233,18 @@ class CpuMeter:
             except psutil.Error:
                 continue
         self._start = self._sample()
+        self._rss_start = self.worker_rss()
+
+    def worker_rss(self) -> dict[str, int]:
+        """Resident bytes of each worker process (by pid)."""
+        out = {}
+        for kind, proc in self.procs:
+            if kind == "worker":
+                try:
+                    out[str(proc.pid)] = int(proc.memory_info().rss)  # type: ignore[attr-defined]
+                except Exception:  # noqa: BLE001
+                    continue
+        return out
 
     def _sample(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -248,8 +260,11 @@ class CpuMeter:
         end = self._sample()
         used = {k: round(end.get(k, 0.0) - self._start.get(k, 0.0), 3) for k in end}
         total = sum(used.values())
+        rss = self.worker_rss()
         return {"cpu_seconds": used, "cpu_seconds_total": round(total, 3),
-                "cores_busy": round(total / max(seconds, 1e-9), 3), "cores": os.cpu_count()}
+                "cores_busy": round(total / max(seconds, 1e-9), 3), "cores": os.cpu_count(),
+                "worker_rss_mib_start": {k: round(v / 2**20, 1) for k, v in self._rss_start.items()},
+                "worker_rss_mib_end": {k: round(v / 2**20, 1) for k, v in rss.items()}}
 
 
 # --------------------------------------------------------------------------- phases
@@ -528,6 +543,14 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             row["ratio_to_in_process"] = row["images_per_s"] / reference
     rows = in_rows + rows
 
+    fleet_rows = [r for r in rows if r.get("cpu")]
+    worker_memory = None
+    if fleet_rows:
+        first, last = fleet_rows[0]["cpu"]["worker_rss_mib_start"], fleet_rows[-1]["cpu"]["worker_rss_mib_end"]
+        worker_memory = {"requests": sum(r["images"] for r in fleet_rows), "rss_mib_start": first, "rss_mib_end": last,
+                         "growth": {pid: (last[pid] - first[pid]) / first[pid] for pid in first if pid in last},
+                         "note": "each detection worker's RSS before the first measured phase (after the warm-up) "
+                                 "and after the last one"}
     by_mode = {r["mode"]: r for r in rows}
     batch_ratio = by_mode["fleet_batch_saturation"]["ratio_to_in_process"]
     open_p99 = by_mode["fleet_single_open_loop"]["p99_ms"]
@@ -565,6 +588,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
                                        "db_codes": index_size, "measured": open_p99,
                                        "met": bool(open_p99 is not None and open_p99 <= TARGET_P99_MS)},
         },
+        "worker_memory": worker_memory,
         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
     }
     write_json(out_dir / "fleet.json", result)

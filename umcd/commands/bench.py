@@ -105,3 +105,7 @@ def fleet(out: Optional[Path] = typer.Option(None), quick: bool = False) -> None
     r = run_fleet_bench(get_settings().artifacts, folder, quick=quick)
     _print_table("fleet", r["rows"], [c for c in ("mode", "images", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
                                                    "ratio_to_in_process") if c in r["rows"][0]])
+    mem = r.get("worker_memory")
+    if mem:
+        growth = ", ".join(f"{100 * g:+.2f}%" for g in mem["growth"].values())
+        typer.echo(f"detection workers' RSS over {mem['requests']:,} measured requests: {growth}")
