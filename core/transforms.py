@@ -16,11 +16,14 @@ TRANSFORMS: Registry[Transform] = Registry("transform")
 def mean_blur(x: torch.Tensor, size: int = 3) -> torch.Tensor:
     """size x size box filter with reflect padding (differentiable).
 
-    Separable sums of shifted slices: the same values as ``avg_pool2d`` over the padded image (to
-    float rounding), ~10x faster on a CPU for batches (2 ms instead of 27 ms for 256 32x32 images).
+    Batches: separable sums of shifted slices, the same values as ``avg_pool2d`` over the padded
+    image (to float rounding) and ~10x faster on a CPU (2 ms instead of 27 ms for 256 32x32 images);
+    a few images: ``avg_pool2d`` itself (fewer ops: ~20 us less for one image).
     """
     p = size // 2
     xp = F.pad(x, (p, p, p, p), mode="reflect")
+    if x.dim() < 4 or x.shape[0] <= 4:
+        return F.avg_pool2d(xp, size, stride=1)
     h, w = x.shape[-2], x.shape[-1]
     rows = sum(xp[..., :, j : j + w] for j in range(size))
     return sum(rows[..., i : i + h, :] for i in range(size)) / float(size * size)

@@ -53,6 +53,7 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         assert len(cpu["worker_rss_mib_start"]) == 2 and all(v > 50 for v in cpu["worker_rss_mib_end"].values())
     memory = result["worker_memory"]
     assert memory["requests"] == sum(rows[m]["images"] for m in MODES[2:]) and len(memory["growth"]) == 2
+    assert memory["steady"]["requests"] == QUICK.saturation_batch and len(memory["steady"]["growth"]) == 2
 
     written = json.loads((tmp_path / "out" / "fleet.json").read_text())
     assert written == json.loads(json.dumps(result, default=float))

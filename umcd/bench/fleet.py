@@ -509,6 +509,21 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             phase = Phase(mode, load, submission, rate, sent, messages, lag, time.perf_counter() - t_send)
             rows.append(_phase_row(phase, listener, client, db_url, prefix, plan.timeout_s))
             rows[-1]["cpu"] = meter.stop(time.perf_counter() - t_send)
+
+        # steady-state memory: the batch saturation load once more; a worker whose RSS still grows
+        # when the same load comes again leaks (the first pass grows allocator arenas and caches)
+        n = plan.saturation_batch
+        say(f"memory: the batch saturation load again ({n} images)")
+        meter = CpuMeter(fleet)
+        ids = [f"mem-{tag}-{i}" for i in range(n)]
+        _send_batches(client, ids, _query_pngs(n), plan.batch_size, None)
+        missing = listener.wait_for(ids, plan.timeout_s)
+        steady = meter.stop(1.0)
+        steady_memory = {"requests": n - missing, "rss_mib_start": steady["worker_rss_mib_start"],
+                         "rss_mib_end": steady["worker_rss_mib_end"],
+                         "growth": {pid: (steady["worker_rss_mib_end"][pid] - v) / v
+                                    for pid, v in steady["worker_rss_mib_start"].items()
+                                    if pid in steady["worker_rss_mib_end"]}}
     except BaseException:
         log.error("the fleet benchmark failed; its servers' logs are kept in %s", work)
         raise
@@ -550,7 +565,8 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         worker_memory = {"requests": sum(r["images"] for r in fleet_rows), "rss_mib_start": first, "rss_mib_end": last,
                          "growth": {pid: (last[pid] - first[pid]) / first[pid] for pid in first if pid in last},
                          "note": "each detection worker's RSS before the first measured phase (after the warm-up) "
-                                 "and after the last one"}
+                                 "and after the last one (the saturation phases hold far more requests in flight)",
+                         "steady": steady_memory}
     by_mode = {r["mode"]: r for r in rows}
     batch_ratio = by_mode["fleet_batch_saturation"]["ratio_to_in_process"]
     open_p99 = by_mode["fleet_single_open_loop"]["p99_ms"]

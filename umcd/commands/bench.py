@@ -109,3 +109,7 @@ def fleet(out: Optional[Path] = typer.Option(None), quick: bool = False) -> None
     if mem:
         growth = ", ".join(f"{100 * g:+.2f}%" for g in mem["growth"].values())
         typer.echo(f"detection workers' RSS over {mem['requests']:,} measured requests: {growth}")
+        steady = mem.get("steady") or {}
+        if steady.get("growth"):
+            growth = ", ".join(f"{100 * g:+.2f}%" for g in steady["growth"].values())
+            typer.echo(f"... and over {steady['requests']:,} more at the same load (steady state): {growth}")
