@@ -27,11 +27,17 @@ def c1_mean_hamming(distances: np.ndarray, bits: int) -> np.ndarray:
     return np.where(cnt > 0, s / np.maximum(cnt, 1), bits / 2.0)
 
 
-def c2_quantization(f: torch.Tensor) -> torch.Tensor:
-    """C2: L1 quantization loss ||h(x) - f(x)||_1 per row: (n,)."""
-    return (sign_codes(f) - f).abs().sum(1)
+def c2_quantization(f: torch.Tensor | np.ndarray, codes: torch.Tensor | np.ndarray | None = None):
+    """C2: L1 quantization loss ||h(x) - f(x)||_1 per row: (n,).
+
+    Tensors (differentiable, for attacks) or NumPy arrays (the detector's host path, where a few
+    torch ops per call dominate at batch size 1); ``codes`` h(x) when already computed.
+    """
+    if codes is None:
+        codes = sign_codes(f) if isinstance(f, torch.Tensor) else np.where(f >= 0, 1.0, -1.0).astype(f.dtype)
+    return abs(codes - f).sum(1)
 
 
-def c3_disagreement(f: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-    """C3: continuous Hamming disagreement (K - f(x) . f(t(x))) / 2 per row: (n,)."""
+def c3_disagreement(f: torch.Tensor | np.ndarray, f_t: torch.Tensor | np.ndarray):
+    """C3: continuous Hamming disagreement (K - f(x) . f(t(x))) / 2 per row: (n,). Tensors or arrays."""
     return 0.5 * (f.shape[1] - (f * f_t).sum(1))
