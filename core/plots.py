@@ -16,6 +16,17 @@ def _plt():
     return plt
 
 
+def _save(fig, path, suptitle: str | None = None) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a figure; returns the path."""
+    if suptitle is not None:
+        fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def roc_points(benign: np.ndarray, adversarial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) of the rule `score > t` over every threshold; scores are higher-is-more-suspicious."""
     b = np.asarray(benign, dtype=np.float64)
@@ -47,12 +58,7 @@ def roc_figure(path: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndar
         ax.set_ylabel("true positive rate")
         ax.set_title(attack, fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, suptitle=title)
 
 
 def histogram_figure(
@@ -84,11 +90,7 @@ def histogram_figure(
     ax.set_xlabel(criterion + (" (log scale; values below the axis are drawn at its left end)" if log else ""))
     ax.set_ylabel("fraction of images")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def sweep_figure(path: Path, sweep: list[dict], fpr: float, title: str) -> Path:
@@ -111,12 +113,7 @@ def sweep_figure(path: Path, sweep: list[dict], fpr: float, title: str) -> Path:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"λ2 = {l2:g}", fontsize=10)
         ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, suptitle=title)
 
 
 def miss_rate_figure(path: Path, table: dict[str, dict[str, float]], attacks: list[str], title: str) -> Path:
@@ -133,8 +130,4 @@ def miss_rate_figure(path: Path, table: dict[str, dict[str, float]], attacks: li
     ax.set_ylabel("miss rate at 5% FPR (%)")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -72,25 +72,32 @@ def test_a_redis_restart_under_load_loses_no_request_the_sdk_reported_as_sent(
         redis.cleanup()
 
 
-def test_a_broker_channel_with_unacknowledged_messages_closes_after_redis_died(tmp_path):
-    """The state Celery leaves after a broker connection error (the connection collected, its channel
-    still open with an unacknowledged message): closing it must not raise, or the worker stops for good."""
+def _one_unacked_message(redis, **transport_options):
+    """A kombu connection to ``redis`` whose default channel holds one delivered, unacknowledged message.
+
+    Returns (connection, channel, delivered messages)."""
     from kombu import Connection, Exchange, Queue
 
     from workers.app import tolerate_collected_redis_channels
 
     tolerate_collected_redis_channels()
+    conn = Connection(redis.url, transport_options=transport_options or None)
+    queue = Queue("t", Exchange("t", type="direct"), "t")
+    with conn.Producer() as producer:
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key="t", declare=[queue])
+    got = []
+    consumer = conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)], no_ack=False)
+    consumer.consume()
+    conn.drain_events(timeout=5)
+    return conn, conn.default_channel, got
+
+
+def test_a_broker_channel_with_unacknowledged_messages_closes_after_redis_died(tmp_path):
+    """The state Celery leaves after a broker connection error (the connection collected, its channel
+    still open with an unacknowledged message): closing it must not raise, or the worker stops for good."""
     redis = RedisServer(dir=tmp_path / "redis")
     try:
-        conn = Connection(redis.url)
-        queue = Queue("t", Exchange("t", type="direct"), "t")
-        with conn.Producer() as producer:
-            producer.publish({"n": 1}, exchange=queue.exchange, routing_key="t", declare=[queue])
-        got = []
-        consumer = conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)], no_ack=False)
-        consumer.consume()
-        conn.drain_events(timeout=5)
-        channel = conn.default_channel
+        conn, channel, got = _one_unacked_message(redis)
         assert len(got) == 1 and len(channel.qos._delivered) == 1  # delivered, not acknowledged
         redis.stop()
         conn._transport.client = None  # what Connection.collect() leaves behind
@@ -109,22 +116,9 @@ def test_the_periodic_restore_of_unacked_messages_skips_a_collected_connection(t
     """After a broker connection error the event loop's timer still runs the restore sweep over the
     collected connection (kombu 5.7 alone: AttributeError 'hostname', and the worker exits with rc 1,
     seen once in the restart test above); it must skip the cycle instead."""
-    from kombu import Connection, Exchange, Queue
-
-    from workers.app import tolerate_collected_redis_channels
-
-    tolerate_collected_redis_channels()
     redis = RedisServer(dir=tmp_path / "redis")
     try:
-        conn = Connection(redis.url, transport_options={"unacked_restore_throttle": 1})
-        queue = Queue("t", Exchange("t", type="direct"), "t")
-        with conn.Producer() as producer:
-            producer.publish({"n": 1}, exchange=queue.exchange, routing_key="t", declare=[queue])
-        got = []
-        consumer = conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)], no_ack=False)
-        consumer.consume()
-        conn.drain_events(timeout=5)
-        channel = conn.default_channel
+        conn, channel, got = _one_unacked_message(redis, unacked_restore_throttle=1)
         assert len(got) == 1 and channel.active_queues
         redis.stop()
         channel.qos._vrestore_count = 0
