@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -138,6 +139,7 @@ class DetectionRuntime:
 
     def start(self, load: bool = True) -> DetectionRuntime:
         """Serve metrics, load the active model if one is published, start the threads."""
+        sys.setswitchinterval(self.settings.worker_gil_switch_ms / 1000.0)  # process-wide: see the setting
         metrics.serve(self.settings.metrics_port)
         metrics.bind_replica(
             lambda: float(len(self._state.replica)) if self._state is not None else 0.0,

@@ -136,3 +136,33 @@ def test_a_plain_detector_published_on_the_same_model_gets_no_reference_and_keep
     with session_scope(settings.db_url) as s:
         assert "reference" not in repo.get_calibration(s, plain.calibration_id).meta
         assert repo.active_calibration(s, trust.model_version, DETECTOR).id == trust.calibration_id
+
+
+def test_a_started_runtime_sets_the_gil_switch_interval_of_its_worker_process(published):
+    """The batcher gives up the GIL in every torch op; the worker shortens the interpreter's switch
+    interval so that it gets it back sooner (UMCD_WORKER_GIL_SWITCH_MS)."""
+    import sys
+
+    from workers.runtime import DetectionRuntime
+
+    settings, _ = published
+    before = sys.getswitchinterval()
+    runtime = DetectionRuntime(settings.model_copy(update={"worker_gil_switch_ms": 0.25}))
+    try:
+        runtime.start(load=False)
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    finally:
+        runtime.stop()
+        sys.setswitchinterval(before)
+    assert before != pytest.approx(0.00025)
+
+
+def test_the_gil_switch_interval_setting_is_checked():
+    from pydantic import ValidationError
+
+    from umcd.settings import Settings
+
+    assert Settings(worker_gil_switch_ms=2).worker_gil_switch_ms == 2.0
+    for bad in (0, -1, 1000):
+        with pytest.raises(ValidationError, match="worker_gil_switch_ms"):
+            Settings(worker_gil_switch_ms=bad)
