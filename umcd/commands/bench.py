@@ -17,9 +17,25 @@ def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
 
 
+#: the ``umcd bench`` group's options when a sub-benchmark is named (``umcd bench --out DIR --quick fleet``)
+_GROUP: dict = {}
+
+
+def _group(name: str):
+    return _GROUP.get(name)
+
+
 def _out(out: Optional[Path]) -> Path:
     s = get_settings()
-    return out or (s.artifacts / "bench" / time.strftime("%Y%m%d-%H%M%S"))
+    return out or _group("out") or (s.artifacts / "bench" / time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _quick(quick: bool) -> bool:
+    return bool(quick or _group("quick"))
+
+
+def _device(device: str) -> str:
+    return _group("device") or device if device == "cpu" else device
 
 
 def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
@@ -42,7 +58,8 @@ def bench_all(
     quick: bool = typer.Option(False, help="smaller sizes (for CI smoke runs)"),
 ) -> None:
     """Run every benchmark (when no sub-benchmark is named)."""
-    if ctx.invoked_subcommand is not None:
+    if ctx.invoked_subcommand is not None:  # the sub-benchmark reads these (it has the same options too)
+        _GROUP.update(out=out, device=None if device == "cpu" else device, quick=quick)
         return
     folder = _out(out)
     # the fleet first: its in-process baseline tries torch on 2 threads and on 1, and a process whose
@@ -62,7 +79,7 @@ def overhead(out: Optional[Path] = typer.Option(None), device: str = "cpu", quic
     """Fig. 6: retrieval vs retrieval + detection at batch sizes 1..256, with the (2F+S)/(F+S) floor."""
     from umcd.bench.overhead import run_overhead
 
-    folder = _out(out)
+    folder, quick, device = _out(out), _quick(quick), _device(device)
     r = run_overhead(get_settings().artifacts, folder, device=device, repeat=5 if quick else 15,
                      db_size=10_000 if quick else 100_000, threads=threads or None, min_time=0.3 if quick else 4.0)
     _print_table("detection overhead", r["rows"], ["batch_size", "retrieval_ms_per_image", "detection_ms_per_image",
@@ -75,7 +92,7 @@ def index(out: Optional[Path] = typer.Option(None), device: str = "cpu", quick: 
     """Top-k search time for 10^4 .. 10^7 codes against raw FAISS."""
     from umcd.bench.index_scaling import run_index_scaling
 
-    folder = _out(out)
+    folder, quick, device = _out(out), _quick(quick), _device(device)
     sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000, 10_000_000)
     r = run_index_scaling(get_settings().artifacts, folder, sizes=sizes, device=device)
     _print_table("index scaling", r["rows"], ["codes", "kind", "ms_per_query", "wrapper_overhead", "fraction_of_machine_rate"])
@@ -87,7 +104,7 @@ def memory(out: Optional[Path] = typer.Option(None), quick: bool = False) -> Non
     """Resident memory at 10^6 and 10^7 codes and growth over 10,000 requests."""
     from umcd.bench.memory import run_memory
 
-    folder = _out(out)
+    folder, quick = _out(out), _quick(quick)
     sizes = (100_000,) if quick else (1_000_000, 10_000_000)
     r = run_memory(get_settings().artifacts, folder, sizes=sizes, requests=2_000 if quick else 10_000)
     _print_table("memory", r["rows"], ["codes", "rss_mib", "index_overhead_mib"])
@@ -101,7 +118,7 @@ def fleet(out: Optional[Path] = typer.Option(None), quick: bool = False) -> None
     """Producer -> Redis -> workers -> audit store throughput and latency against in-process scoring."""
     from umcd.bench.fleet import run_fleet_bench
 
-    folder = _out(out)
+    folder, quick = _out(out), _quick(quick)
     r = run_fleet_bench(get_settings().artifacts, folder, quick=quick)
     _print_table("fleet", r["rows"], [c for c in ("mode", "images", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
                                                    "ratio_to_in_process") if c in r["rows"][0]])
