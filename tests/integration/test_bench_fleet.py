@@ -16,7 +16,7 @@ pytestmark = [
 
 ROW_KEYS = {"mode", "images", "images_per_s", "p50_ms", "p95_ms", "p99_ms"}
 MODES = ["in_process_batch1", "in_process_batch16", "fleet_single_open_loop", "fleet_batch_open_loop",
-         "fleet_single_saturation", "fleet_batch_saturation"]
+         "fleet_single_saturation", "fleet_batch_saturation", "fleet_batch_prequeued"]
 
 
 def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answered_and_stored(tmp_path):
@@ -42,7 +42,10 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
     assert rows["fleet_single_saturation"]["messages"] == QUICK.saturation_single
     assert rows["fleet_batch_saturation"]["messages"] == -(-QUICK.saturation_batch // QUICK.batch_size)
     assert rows["fleet_batch_saturation"]["mean_model_batch"] > 1
-    for mode in ("fleet_single_saturation", "fleet_batch_saturation"):
+    prequeued = rows["fleet_batch_prequeued"]  # queued while the workers did not consume, then released
+    assert prequeued["messages"] == rows["fleet_batch_saturation"]["messages"] and prequeued["send_seconds"] > 0
+    assert result["targets"]["batch_throughput_ratio"]["queued_first"] == prequeued["ratio_to_in_process"]
+    for mode in ("fleet_single_saturation", "fleet_batch_saturation", "fleet_batch_prequeued"):
         assert rows[mode]["ratio_to_in_process"] == pytest.approx(
             rows[mode]["images_per_s"] / rows["in_process_batch16"]["images_per_s"])
     assert "ratio_to_in_process" not in rows["fleet_single_open_loop"]
@@ -51,6 +54,9 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         cpu = rows[mode]["cpu"]
         assert set(cpu["cpu_seconds"]) == {"producer", "worker", "redis"} and cpu["cpu_seconds"]["worker"] > 0
         assert len(cpu["worker_rss_mib_start"]) == 2 and all(v > 50 for v in cpu["worker_rss_mib_end"].values())
+        per_image = cpu["ms_per_image"]
+        assert per_image["worker"] == pytest.approx(1e3 * cpu["cpu_seconds"]["worker"] / rows[mode]["images"], rel=1e-3)
+        assert cpu["cpu_bound_images_per_s"] == pytest.approx(1e3 * cpu["cores"] / sum(per_image.values()), rel=1e-3)
     memory = result["worker_memory"]
     assert memory["requests"] == sum(rows[m]["images"] for m in MODES[2:]) and len(memory["growth"]) == 2
     assert memory["steady"]["requests"] == QUICK.saturation_batch and len(memory["steady"]["growth"]) == 2
