@@ -436,7 +436,7 @@ class Demo:
     def _verdict_table(self) -> None:
         t = Table(title="verdicts by kind of request")
         for col in ("kind", "sent", "accepted", "rejected", "rejected %", "successful attacks: rejected",
-                    "by C1", "by C2", "by C3", "invalid"):
+                    "by C1", "by C2", "by C3", "by other", "invalid"):
             t.add_column(col, justify="right" if col != "kind" else "left")
         rows = {}
         for kind in KINDS:
@@ -448,7 +448,10 @@ class Demo:
                 "sent": len(ss), "accepted": sum(s.verdict == "benign" for s in ss), "rejected": len(rej),
                 "rejected_rate": len(rej) / len(ss),
                 "by_c1": sum("c1" in s.fired for s in rej), "by_c2": sum("c2" in s.fired for s in rej),
-                "by_c3": sum("c3" in s.fired for s in rej), "invalid": sum(s.verdict == "invalid_input" for s in ss),
+                "by_c3": sum("c3" in s.fired for s in rej),
+                # extension criteria (umcd-trust-input's trust@in, umcd-multi's extra transforms, ...)
+                "by_other": sum(any(f not in ("c1", "c2", "c3") for f in s.fired) for s in rej),
+                "invalid": sum(s.verdict == "invalid_input" for s in ss),
             }
             ok = [s for s in ss if s.attack_success]
             row["successful_attacks"] = len(ok)
@@ -461,7 +464,7 @@ class Demo:
                       "-" if row["successful_rejected_rate"] is None else
                       f"{100 * row['successful_rejected_rate']:.1f}% of {row['successful_attacks']}",
                       str(row["by_c1"]), str(row["by_c2"]),
-                      str(row["by_c3"]), str(row["invalid"]))
+                      str(row["by_c3"]), str(row["by_other"]), str(row["invalid"]))
         self.summary["verdicts"] = rows
         self.con.print(t)
         lat = self.summary.get("latency_ms", {})
@@ -523,13 +526,14 @@ class Demo:
             {"summary": self.summary, "requests": [asdict(s) for s in self.sent]}, indent=1, default=str))
         lines = ["# UMCD demo report", "", f"model {self.summary['train']['model_version']}, "
                  f"mAP@all {self.summary['train']['map']:.4f}", "",
-                 "| kind | sent | accepted | rejected | rejected % | successful attacks rejected | by C1 | by C2 | by C3 |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| kind | sent | accepted | rejected | rejected % | successful attacks rejected | by C1 | by C2 | by C3 "
+                 "| by other |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for kind, r in self.summary["verdicts"].items():
             succ = "-" if r["successful_rejected_rate"] is None else \
                 f"{100 * r['successful_rejected_rate']:.1f}% of {r['successful_attacks']}"
             lines.append(f"| {kind} | {r['sent']} | {r['accepted']} | {r['rejected']} | {100 * r['rejected_rate']:.1f} | "
-                         f"{succ} | {r['by_c1']} | {r['by_c2']} | {r['by_c3']} |")
+                         f"{succ} | {r['by_c1']} | {r['by_c2']} | {r['by_c3']} | {r['by_other']} |")
         lines += ["", f"![scores]({png.name})", ""]
         (self.artifacts / "report.md").write_text("\n".join(lines))
         self.con.print(f"report: {self.artifacts / 'report.md'} (plot {png}); raw results {self.artifacts / 'results.json'}")

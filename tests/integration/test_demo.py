@@ -41,6 +41,9 @@ def test_the_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path):
         assert v[kind]["successful_attacks"] > 0, kind
         assert v[kind]["successful_rejected_rate"] >= 0.8, (kind, v[kind])
     assert summary["train"]["map"] >= 0.9
+    for kind, row in v.items():  # every rejection is counted under at least one criterion that fired
+        assert row["by_c1"] + row["by_c2"] + row["by_c3"] + row["by_other"] >= row["rejected"], (kind, row)
+        assert row["by_other"] == 0, (kind, row)  # the paper's detector has no other criteria
 
     for pid in summary["pids"]:
         alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
