@@ -692,7 +692,8 @@ def verdict_counts(session: Session, kind: str | None = None) -> dict[str, int]:
 
 def rejections_by_criterion(session: Session, kind: str | None = None) -> dict[str, int]:
     """Rejections broken down: ``adversarial`` and ``invalid_input`` totals, and for c1, c2, c3 the
-    number of adversarial verdicts in which that criterion fired (one verdict may count for several).
+    number of adversarial verdicts in which that criterion fired (one verdict may count for several);
+    ``other``: adversarial verdicts in which a criterion of an extension detector fired (``trust@in``, ...).
     """
     fired_text = cast(Verdict.fired, String)
     columns = [func.count().label("adversarial")]
@@ -702,6 +703,10 @@ def rejections_by_criterion(session: Session, kind: str | None = None) -> dict[s
                 func.sum(case((fired_text.like(f'%"{criterion}"%'), literal(1)), else_=literal(0))), 0
             ).label(criterion)
         )
+    rest = fired_text  # the fired list with the paper's criteria taken out: another quoted name is left?
+    for criterion in CRITERIA:
+        rest = func.replace(rest, f'"{criterion}"', "")
+    columns.append(func.coalesce(func.sum(case((rest.like('%"%'), literal(1)), else_=literal(0))), 0).label("other"))
     stmt = select(*columns).where(Verdict.verdict == "adversarial")
     invalid = select(func.count()).where(Verdict.verdict == "invalid_input")
     if kind is not None:
@@ -709,6 +714,7 @@ def rejections_by_criterion(session: Session, kind: str | None = None) -> dict[s
         invalid = invalid.where(Verdict.kind == kind)
     row = session.execute(stmt).one()
     out = {c: int(getattr(row, c)) for c in CRITERIA}
+    out["other"] = int(row.other)
     out["adversarial"] = int(row.adversarial)
     out["invalid_input"] = int(session.execute(invalid).scalar_one())
     return out

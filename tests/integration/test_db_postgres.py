@@ -244,7 +244,8 @@ def test_audit_queries_and_index_log_on_postgresql(db_url):
         repo.write_verdict(s, request_id="i-1", kind="insert", verdict="benign", image_id=image_id)
         repo.record_request(s, "q-3", "query")
     with session_scope(engine) as s:
-        assert repo.rejections_by_criterion(s) == {"c1": 1, "c2": 0, "c3": 1, "adversarial": 1, "invalid_input": 1}
+        assert repo.rejections_by_criterion(s) == {"c1": 1, "c2": 0, "c3": 1, "other": 0, "adversarial": 1,
+                                                   "invalid_input": 1}
         assert repo.verdict_counts(s) == {"benign": 1, "adversarial": 1, "invalid_input": 1}
         assert repo.count_verdicts_per_request(s) == {"q-1": 1, "q-2": 1, "i-1": 1, "q-3": 0}
         record = repo.request_record(s, "i-1")
@@ -257,3 +258,9 @@ def test_audit_queries_and_index_log_on_postgresql(db_url):
         assert [r[1] for r in repo.read_index_log(s, 0, "mv1")] == ["add", "remove"]
         assert [r[1] for r in repo.read_index_log(s, 0, "mv2")] == ["add", "remove"]
         assert repo.read_index_log(s, 0, "mv2")[0][3] == CODE[::-1]
+        # an extension detector's own criterion (umcd-trust-input) counts as "other" on PostgreSQL's JSON text too
+        repo.record_request(s, "q-4", "query")
+        repo.write_verdict(s, request_id="q-4", kind="query", verdict="adversarial", fired=["c1", "trust@in"])
+    with session_scope(engine) as s:
+        assert repo.rejections_by_criterion(s) == {"c1": 2, "c2": 0, "c3": 1, "other": 1, "adversarial": 2,
+                                                   "invalid_input": 1}

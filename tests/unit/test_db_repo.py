@@ -363,6 +363,20 @@ def fill_store(engine) -> None:
         repo.record_request(s, "q-pending", "query")
 
 
+def test_rejections_by_criterion_counts_extension_criteria_as_other(engine):
+    """Extension detectors fire criteria of their own (umcd-trust-input's trust@in, ...): counted under
+    ``other``, once per verdict, also beside c1..c3 and when a name merely contains "c1"."""
+    cases = [("x-1", ["trust@in"]), ("x-2", ["c1", "trust@in"]), ("x-3", ["c1@median"]), ("x-4", ["c1", "c3"]),
+             ("x-5", ["c2"])]
+    with session_scope(engine) as s:
+        for rid, fired in cases:
+            repo.record_request(s, rid, "query")
+            repo.write_verdict(s, request_id=rid, kind="query", verdict="adversarial", fired=fired)
+    with session_scope(engine) as s:
+        assert repo.rejections_by_criterion(s) == {"c1": 2, "c2": 1, "c3": 1, "other": 3, "adversarial": 5,
+                                                   "invalid_input": 0}
+
+
 def test_audit_queries_summarise_a_filled_store(engine):
     fill_store(engine)
     with session_scope(engine) as s:
@@ -371,8 +385,10 @@ def test_audit_queries_summarise_a_filled_store(engine):
         assert [r["request_id"] for r in repo.last_verdicts(s, 10, kind="insert")] == ["i-3", "i-2", "i-1"]
         assert repo.verdict_counts(s) == {"benign": 2, "adversarial": 3, "invalid_input": 1}
         assert repo.verdict_counts(s, kind="query") == {"benign": 1, "adversarial": 2, "invalid_input": 0}
-        assert repo.rejections_by_criterion(s) == {"c1": 1, "c2": 1, "c3": 2, "adversarial": 3, "invalid_input": 1}
-        assert repo.rejections_by_criterion(s, kind="insert") == {"c1": 0, "c2": 0, "c3": 1, "adversarial": 1, "invalid_input": 1}
+        assert repo.rejections_by_criterion(s) == {"c1": 1, "c2": 1, "c3": 2, "other": 0, "adversarial": 3,
+                                                   "invalid_input": 1}
+        assert repo.rejections_by_criterion(s, kind="insert") == {"c1": 0, "c2": 0, "c3": 1, "other": 0,
+                                                                  "adversarial": 1, "invalid_input": 1}
         per_request = repo.count_verdicts_per_request(s)
         assert per_request.pop("q-pending") == 0 and set(per_request.values()) == {1} and len(per_request) == 6
         assert repo.duplicates(s) == {"verdicts": [], "db_images": [], "index_log": []}
@@ -509,7 +525,8 @@ def test_audit_cli_reads_the_database_url_from_settings(cli, url, engine, monkey
     finally:
         get_settings.cache_clear()
     assert out.exit_code == 0
-    assert json.loads(out.stdout) == {"c1": 1, "c2": 1, "c3": 2, "adversarial": 3, "invalid_input": 1}
+    assert json.loads(out.stdout) == {"c1": 1, "c2": 1, "c3": 2, "other": 0, "adversarial": 3,
+                                       "invalid_input": 1}
 
 
 def test_audit_cli_rejections_show_and_counts(cli, url, engine):

@@ -137,7 +137,8 @@ def rejections(
     as_json: bool = JSON_OPTION,
     url: Optional[str] = URL_OPTION,
 ) -> None:
-    """Rejections by criterion: how often C1, C2 and C3 fired among adversarial verdicts, and invalid inputs."""
+    """Rejections by criterion: how often C1, C2, C3 (and an extension's own criteria) fired among
+    adversarial verdicts, and invalid inputs."""
     from db import repo
 
     counts = _read(url, lambda s: repo.rejections_by_criterion(s, kind=kind))
@@ -151,7 +152,8 @@ def rejections(
     table.add_column("rejected by")
     table.add_column("count", justify="right")
     table.add_column("share of adversarial", justify="right")
-    labels = {"c1": "C1 retrieval distance", "c2": "C2 quantization loss", "c3": "C3 denoising disagreement"}
+    labels = {"c1": "C1 retrieval distance", "c2": "C2 quantization loss", "c3": "C3 denoising disagreement",
+              "other": "an extension detector's criteria (trust@in, ...)"}
     for criterion, label in labels.items():
         share = f"{counts[criterion] / adversarial:.1%}" if adversarial else "-"
         table.add_row(label, str(counts[criterion]), share)
