@@ -199,6 +199,7 @@ class ResultListener:
 
     def wait_for(self, ids: list[str], timeout: float) -> int:
         """Block until every id arrived or ``timeout`` s passed; returns how many are still missing.
+        One waiter at a time (the benchmark's phases run one after another).
 
         The listener wakes the waiter once, when the last awaited id arrives (not on every arrival:
         rescanning 10,000 ids per Result cost the producer's process seconds of CPU, taken from the

@@ -21,21 +21,17 @@ def register(app: typer.Typer) -> None:
 _GROUP: dict = {}
 
 
-def _group(name: str):
-    return _GROUP.get(name)
-
-
 def _out(out: Optional[Path]) -> Path:
     s = get_settings()
-    return out or _group("out") or (s.artifacts / "bench" / time.strftime("%Y%m%d-%H%M%S"))
+    return out or _GROUP.get("out") or (s.artifacts / "bench" / time.strftime("%Y%m%d-%H%M%S"))
 
 
 def _quick(quick: bool) -> bool:
-    return bool(quick or _group("quick"))
+    return bool(quick or _GROUP.get("quick"))
 
 
 def _device(device: str) -> str:
-    return _group("device") or device if device == "cpu" else device
+    return (_GROUP.get("device") or device) if device == "cpu" else device
 
 
 def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
