@@ -434,6 +434,8 @@ class Demo:
         return todo
 
     def _verdict_table(self) -> None:
+        from db.models import CRITERIA  # the paper's criteria, as the audit store's rejection counts use them
+
         t = Table(title="verdicts by kind of request")
         for col in ("kind", "sent", "accepted", "rejected", "rejected %", "successful attacks: rejected",
                     "by C1", "by C2", "by C3", "by other", "invalid"):
@@ -450,7 +452,7 @@ class Demo:
                 "by_c1": sum("c1" in s.fired for s in rej), "by_c2": sum("c2" in s.fired for s in rej),
                 "by_c3": sum("c3" in s.fired for s in rej),
                 # extension criteria (umcd-trust-input's trust@in, umcd-multi's extra transforms, ...)
-                "by_other": sum(any(f not in ("c1", "c2", "c3") for f in s.fired) for s in rej),
+                "by_other": sum(any(f not in CRITERIA for f in s.fired) for s in rej),
                 "invalid": sum(s.verdict == "invalid_input" for s in ss),
             }
             ok = [s for s in ss if s.attack_success]
