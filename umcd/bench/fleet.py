@@ -456,6 +456,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
     from producers.sdk import Client
     from umcd.fleet import Fleet
     from umcd.settings import Settings
+    from workers.malloc import MAX_MMAP_THRESHOLD, tune_malloc
 
     say = progress or (lambda message: print(f"[bench fleet] {message}", file=sys.stderr, flush=True))
     plan = QUICK if quick else FULL
@@ -474,6 +475,11 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         settings = Settings(artifacts=bench_artifacts, database_url=db_url, broker_url="redis://unused")
         published, ck = _prepare_audit_store(settings, checkpoint, plan.db_codes, say)
 
+        # the baseline runs under the workers' malloc settings (without them it pays the page faults the
+        # workers no longer pay, and the ratio would flatter the fleet)
+        keep_mib = Settings.model_fields["worker_malloc_keep_mib"].default  # the workers' (UMCD_* is not passed on)
+        keep = keep_mib * 2**20
+        malloc_tuned = bool(keep) and tune_malloc(mmap_threshold=min(keep, MAX_MMAP_THRESHOLD), trim_threshold=keep)
         say("in-process baseline: Detector.score_batch")
         detector, index_size = _in_process_detector(published, ck, settings)
         tensors = _digits()[1]
@@ -633,6 +639,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             "worker_torch_threads": threads, "in_process_torch_threads_tried": list(thread_options),
             "worker_batch_max_size": plan.batch_size, "worker_batch_max_wait_ms": Settings.model_fields["batch_max_wait_ms"].default,
             "worker_gil_switch_ms": Settings.model_fields["worker_gil_switch_ms"].default,
+            "worker_malloc_keep_mib": keep_mib, "in_process_malloc_tuned": malloc_tuned,
             "broker": "Debian redis-server (umcd.fleet.Fleet), result backend on the same server",
             "audit_store": "SQLite in a temporary folder",
             "open_loop": {"rate_images_per_s": plan.open_rate, "seconds": plan.open_seconds,
