@@ -133,7 +133,7 @@ class DetectionBatch:
         """JSON-ready result of image i."""
         valid = self.ids[i] >= 0
         return {
-            "verdict": self.verdicts[i],
+            "verdict": "adversarial" if self.fired[i].any() else "benign",
             "fired": [n for n, f in zip(self.names, self.fired[i]) if f],
             "scores": {**{k: float(v[i]) for k, v in self.scores.items()}, "combined": float(self.combined[i])},
             "thresholds": dict(self.thresholds),
@@ -142,7 +142,31 @@ class DetectionBatch:
         }
 
     def records(self) -> list[dict]:
-        return [self.record(i) for i in range(len(self))]
+        """``record(i)`` of every image, equal to them, converted per batch rather than per image
+        (a worker builds one per request: this is on its batcher's path)."""
+        n = len(self)
+        if n == 0:
+            return []
+        fired = self.fired.tolist()
+        scores = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in self.scores.items()}
+        combined = np.asarray(self.combined, dtype=np.float64).tolist()
+        codes = [row.tobytes().hex() for row in pack_codes(self.codes)]
+        ids, distances = self.ids.tolist(), self.distances.tolist()
+        complete = (self.ids >= 0).all(1).tolist()
+        out = []
+        for i in range(n):
+            ids_i, dist_i = ids[i], distances[i]
+            if not complete[i]:  # fewer than k codes in the index: FAISS pads with id -1
+                ids_i, dist_i = [a for a in ids_i if a >= 0], [d for a, d in zip(ids_i, dist_i) if a >= 0]
+            out.append({
+                "verdict": "adversarial" if any(fired[i]) else "benign",
+                "fired": [name for name, f in zip(self.names, fired[i]) if f],
+                "scores": {**{k: v[i] for k, v in scores.items()}, "combined": combined[i]},
+                "thresholds": dict(self.thresholds),
+                "topk": {"ids": ids_i, "distances": dist_i},
+                "code": codes[i],
+            })
+        return out
 
 
 class Detector:

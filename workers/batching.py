@@ -49,6 +49,11 @@ class MicroBatcher(Generic[T, R]):
     still join, up to ``max_size``). If ``process`` raises for a batch of several items, each item
     is retried alone, so a poison item fails by itself and its batch-mates still get their results.
 
+    ``process`` may also return a ``concurrent.futures.Future`` of those outcomes: the batch's last
+    stage (storing its verdicts) then runs elsewhere and the batcher moves on to the next batch at once;
+    each item's future is resolved when that future is. If it fails, every item of the batch fails with
+    its exception (no one-by-one retry: the deferred stage is expected to isolate its own failures).
+
     ``submit(item)`` returns a ``concurrent.futures.Future`` resolved with that item's outcome.
 
     Why not celery-batches: its 0.11 release pins ``celery<5.7`` (we run 5.7), and a late-acked
@@ -159,10 +164,15 @@ class MicroBatcher(Generic[T, R]):
     def _run_batch(self, batch: list[tuple[T, Future]]) -> None:
         items = [item for item, _ in batch]
         t0 = time.perf_counter()
+        deferred: Future | None = None
         try:
-            outcomes = list(self.process(items))
-            if len(outcomes) != len(items):
-                raise RuntimeError(f"batch function returned {len(outcomes)} outcomes for {len(items)} items")
+            returned = self.process(items)
+            if isinstance(returned, Future):
+                deferred, outcomes = returned, []
+            else:
+                outcomes = list(returned)
+                if len(outcomes) != len(items):
+                    raise RuntimeError(f"batch function returned {len(outcomes)} outcomes for {len(items)} items")
         except BaseException as exc:  # noqa: BLE001 - isolate the poison item, never kill the thread
             if len(items) == 1:
                 outcomes = [exc]
@@ -177,15 +187,34 @@ class MicroBatcher(Generic[T, R]):
                 self.on_batch(len(items), elapsed)
             except Exception:  # noqa: BLE001 - metrics must never fail a batch
                 log.exception("on_batch callback failed")
+        if deferred is not None:
+            deferred.add_done_callback(lambda done: self._resolve_deferred(batch, done))
+            return
+        self._resolve(batch, outcomes)
+
+    @staticmethod
+    def _resolve(batch: list[tuple[T, Future]], outcomes: Sequence[R | BaseException]) -> None:
         for (_, future), outcome in zip(batch, outcomes):
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
 
+    def _resolve_deferred(self, batch: list[tuple[T, Future]], done: Future) -> None:
+        """Resolve a batch's item futures from the future its ``process`` call returned."""
+        try:
+            outcomes = list(done.result())
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"batch function returned {len(outcomes)} outcomes for {len(batch)} items")
+        except BaseException as exc:  # noqa: BLE001 - a cancelled or failed stage fails its items
+            log.warning("the deferred stage of a batch of %d failed (%s: %s)", len(batch), type(exc).__name__, exc)
+            outcomes = [exc] * len(batch)
+        self._resolve(batch, outcomes)
+
     def _run_single(self, item: T) -> R | BaseException:
         try:
-            (outcome,) = self.process([item])
+            returned = self.process([item])
+            (outcome,) = returned.result() if isinstance(returned, Future) else returned
             return outcome
         except BaseException as exc:  # noqa: BLE001
             return exc

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE_SIZE = 32
 #: images re-encoded per pass when catching up insertions made under an older model version
 STRAGGLER_CHUNK = 256
+#: scored batches that may wait for the writer thread before the batcher waits for it
+WRITES_IN_FLIGHT = 2
 
 
 class NoModel(RuntimeError):
@@ -103,7 +106,8 @@ def load_calibration(row: Any) -> Calibration:
 class DetectionRuntime:
     """One per detection worker process; task threads call :meth:`handle`.
 
-    Threads: the batcher (one model batch at a time), the replica syncer (reads ``index_log`` past
+    Threads: the batcher (one model batch at a time), the writer (stores a scored batch's verdicts
+    while the batcher scores the next one), the replica syncer (reads ``index_log`` past
     the watermark every ``replica_sync_interval_ms``, snapshots every
     ``replica_snapshot_interval_s``) and the model watcher (polls the active model version and
     calibration every ``model_poll_interval_s``; a new one is loaded and its replica built before it
@@ -133,6 +137,10 @@ class DetectionRuntime:
         self.batcher: MicroBatcher[BatchItem, dict] = MicroBatcher(
             self._process, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000.0,
         )
+        #: stores scored batches (audit transaction, replica adds) so that the batcher scores the next
+        #: one meanwhile; one thread, so batches commit in the order they were scored
+        self._writer = self._new_writer()
+        self._write_slots = threading.BoundedSemaphore(WRITES_IN_FLIGHT)
         #: seconds a task thread waits for its batch before giving up (and retrying)
         self.result_timeout_s = 120.0
 
@@ -163,10 +171,20 @@ class DetectionRuntime:
                  self.settings.batch_max_size, self.settings.batch_max_wait_ms)
         return self
 
+    @staticmethod
+    def _new_writer() -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="umcd-writer")
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the threads (the batch in progress finishes) and write a last snapshot."""
         self._stop.set()
         self.batcher.stop(timeout)
+        writer, self._writer = self._writer, self._new_writer()  # a fresh one (no thread yet) for a later start
+        try:  # the batches scored so far are stored and answered before we go (a hung audit store: not forever)
+            writer.submit(lambda: None).result(timeout)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the writer did not finish its batches within %.0f s (%s)", timeout, type(exc).__name__)
+        writer.shutdown(wait=False)
         for thread in self._threads:
             thread.join(timeout)
         state = self._state
@@ -477,8 +495,10 @@ class DetectionRuntime:
 
     # ------------------------------------------------------------------ batches (the batcher thread)
 
-    def _process(self, items: list[BatchItem]) -> list[dict | BaseException]:
-        """Score a batch once, store every verdict (and insertion) in one transaction, answer each item."""
+    def _process(self, items: list[BatchItem]) -> list[dict | BaseException] | Future:
+        """Score a batch once and hand it to the writer thread, which stores every verdict (and
+        insertion) in one transaction and answers each item: returns that future (the batcher resolves
+        the items' futures from it), or the outcomes at once when no model is loaded."""
         state = self._state
         if state is None:
             return [NoModel("no model loaded") for _ in items]
@@ -490,8 +510,7 @@ class DetectionRuntime:
         directions = state.detector.directions
         entries: list[tuple[BatchItem, dict, dict, bytes] | BaseException] = []
         now = time.time()
-        for i, item in enumerate(items):
-            record = batch.record(i)
+        for item, record in zip(items, batch.records()):
             result = detection_result(
                 item.request, record, directions=directions, model_version=state.version,
                 calibration_id=state.calibration_id, detector=state.detector_name, batch_size=len(items),
@@ -506,6 +525,26 @@ class DetectionRuntime:
                     entry[1]["_image_path"] = str(path)
                 except Exception as exc:  # noqa: BLE001 - this item fails alone
                     entries[k] = exc
+        # the verdicts are stored on the writer thread while this thread scores the next batch; at most
+        # WRITES_IN_FLIGHT batches wait there (then scoring waits: the audit store sets the pace)
+        self._write_slots.acquire()
+        try:
+            return self._writer.submit(self._store, state, items, entries)
+        except BaseException:
+            self._write_slots.release()
+            raise
+
+    def _store(self, state: ModelState, items: list[BatchItem],
+               entries: list[tuple[BatchItem, dict, dict, bytes] | BaseException]) -> list[dict | BaseException]:
+        """The writer thread's half of a batch: one transaction for its verdicts (one by one if that
+        fails), then each item's outcome in order."""
+        try:
+            return self._store_outcomes(state, items, entries)
+        finally:
+            self._write_slots.release()
+
+    def _store_outcomes(self, state: ModelState, items: list[BatchItem],
+                        entries: list[tuple[BatchItem, dict, dict, bytes] | BaseException]) -> list[dict | BaseException]:
         good = [e for e in entries if isinstance(e, tuple)]
         try:
             written = self._write(state, good)

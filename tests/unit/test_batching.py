@@ -139,3 +139,69 @@ def test_invalid_limits_are_refused():
         MicroBatcher(lambda items: items, max_size=0, max_wait_s=0.01)
     with pytest.raises(ValueError):
         MicroBatcher(lambda items: items, max_size=4, max_wait_s=-1)
+
+
+def test_a_deferred_stage_lets_the_batcher_score_the_next_batch_before_the_last_one_is_stored():
+    """process may return a Future of its outcomes (the worker stores verdicts on a writer thread):
+    the batcher runs the next batch while the first is still unanswered, and each item gets its own
+    outcome, exceptions included, when the deferred stage finishes."""
+    from concurrent.futures import Future
+
+    stages: list[tuple[list[int], Future]] = []
+    second_batch = threading.Event()
+
+    def process(items: list[int]) -> Future:
+        done: Future = Future()
+        stages.append((list(items), done))
+        if len(stages) == 2:
+            second_batch.set()
+        return done
+
+    with MicroBatcher(process, max_size=2, max_wait_s=1.0) as batcher:  # a batch closes when full
+        first = [batcher.submit(x) for x in (1, 2)]
+        assert _wait_until(lambda: len(stages) == 1)
+        second = [batcher.submit(x) for x in (3, 4)]
+        assert second_batch.wait(5), "the batcher waited for the first batch's deferred stage"
+        assert not any(f.done() for f in first + second)
+        stages[1][1].set_result([30, ValueError("bad 4")])
+        stages[0][1].set_result([10, 20])
+        assert [f.result(5) for f in first] == [10, 20]
+        assert second[0].result(5) == 30
+        with pytest.raises(ValueError, match="bad 4"):
+            second[1].result(5)
+
+
+def test_a_failed_deferred_stage_fails_each_item_of_its_batch_and_the_batcher_goes_on():
+    from concurrent.futures import Future
+
+    def process(items: list[int]) -> Future:
+        done: Future = Future()
+        if 0 in items:
+            done.set_exception(OSError("the audit store is down"))
+        elif 9 in items:
+            done.set_result([1])  # one outcome for two items: a broken stage
+        else:
+            done.set_result([2 * x for x in items])
+        return done
+
+    with MicroBatcher(process, max_size=2, max_wait_s=1.0) as batcher:  # a batch closes when full
+        failed = [batcher.submit(x) for x in (0, 5)]
+        for f in failed:
+            with pytest.raises(OSError, match="audit store is down"):
+                f.result(5)
+        broken = [batcher.submit(x) for x in (9, 8)]
+        for f in broken:
+            with pytest.raises(RuntimeError, match="1 outcomes for 2 items"):
+                f.result(5)
+        assert batcher.submit(7).result(5) == 14
+
+
+def _wait_until(predicate, timeout: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False

@@ -190,6 +190,21 @@ def test_detector_batched_results_equal_one_by_one(tiny_model, digits_splits):
     assert set(rec) >= {"verdict", "fired", "scores", "thresholds", "topk", "code"}
 
 
+def test_records_of_a_batch_equal_the_record_of_each_image(tiny_model, digits_splits):
+    """records() converts per batch what record(i) converts per image: the same dicts, also when the
+    index holds fewer codes than top_k (FAISS pads with id -1, which no record lists)."""
+    for n_db, k in ((100, 5), (3, 5)):
+        index = build_index(tiny_model, digits_splits.database.subset(np.arange(n_db)))
+        det = Detector(tiny_model, index, top_k=k)
+        det.calibrate(digits_splits.query.get(np.arange(60)), 0.2)
+        batch = det.score_batch(digits_splits.query.get(np.arange(60, 92)))
+        records = batch.records()
+        assert records == [batch.record(i) for i in range(len(batch))]
+        assert all(len(r["topk"]["ids"]) == min(n_db, k) for r in records)
+        assert [r["verdict"] for r in records] == batch.verdicts
+    assert {r["verdict"] for r in records} == {"benign", "adversarial"}  # both branches compared
+
+
 def test_every_registered_detector_variant_scores_and_calibrates(tiny_model, digits_splits):
     index = build_index(tiny_model, digits_splits.database.subset(np.arange(50)))
     x = digits_splits.query.get(np.arange(40))

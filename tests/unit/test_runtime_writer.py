@@ -1,0 +1,141 @@
+"""A worker's writer thread: the batcher scores the next batch while the last one's verdicts are stored."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture()
+def runtime(tmp_path, monkeypatch):
+    """A started DetectionRuntime over an untrained 16-bit model published to SQLite (no servers)."""
+    from core.centers import make_centers
+    from core.checkpoint import CheckpointMeta, save_checkpoint
+    from core.models import create_model
+    from db.migrate import upgrade
+    from db.session import dispose_engine
+    from umcd.settings import Settings
+    from workers import runtime as runtime_module
+    from workers.publish import publish
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "untrained.safetensors"
+    save_checkpoint(checkpoint, create_model("smallcnn", 16), torch.as_tensor(make_centers(10, 16)),
+                    CheckpointMeta("smallcnn", 16, "digits", 0, 10, 32))
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    upgrade(url)
+    settings = Settings(artifacts=tmp_path, database_url=url, broker_url="redis://unused", bits=16, device="cpu",
+                        batch_max_size=1, batch_max_wait_ms=0)
+    publish(checkpoint, settings=settings, seed_fraction=0.5)
+    monkeypatch.setattr(runtime_module.metrics, "serve", lambda port: None)
+    switch = __import__("sys").getswitchinterval()
+    rt = runtime_module.DetectionRuntime(settings).start()
+    try:
+        yield rt
+    finally:
+        rt.stop()
+        __import__("sys").setswitchinterval(switch)
+        dispose_engine(url)
+
+
+def _png(seed: int) -> dict:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    return {"inline": base64.b64encode(buf.getvalue()).decode("ascii")}
+
+
+def _request(rid: str):
+    from workers.results import ScreenRequest
+
+    return ScreenRequest(request_id=rid, kind="query", worker="w@test")
+
+
+class _HeldWrites:
+    """Wraps ``runtime._write``: each call records its request ids and waits until released."""
+
+    def __init__(self, runtime) -> None:
+        self.inner = runtime._write
+        self.started: list[list[str]] = []
+        self.release = threading.Event()
+        self.thread_names: set[str] = set()
+
+    def __call__(self, state, entries):
+        self.started.append([e[0].request.request_id for e in entries])
+        self.thread_names.add(threading.current_thread().name)
+        assert self.release.wait(30), "the test never released the write"
+        return self.inner(state, entries)
+
+
+def _wait_until(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_the_next_batch_is_scored_while_the_last_ones_verdicts_are_still_being_stored(runtime, monkeypatch):
+    from db import repo
+    from db.session import session_scope
+
+    held = _HeldWrites(runtime)
+    monkeypatch.setattr(runtime, "_write", held)
+    state = runtime.state
+    scored: list[int] = []
+    score_batch = state.detector.score_batch
+    monkeypatch.setattr(state.detector, "score_batch", lambda x: scored.append(len(x)) or score_batch(x))
+
+    results: dict[str, dict] = {}
+
+    def ask(rid: str, seed: int) -> None:
+        results[rid] = runtime.handle(_request(rid), _png(seed))
+
+    first = threading.Thread(target=ask, args=("writer-a", 1))
+    first.start()
+    assert _wait_until(lambda: held.started == [["writer-a"]])
+    second = threading.Thread(target=ask, args=("writer-b", 2))
+    second.start()
+    # batch 2 is scored although batch 1's transaction has not even begun to commit
+    assert _wait_until(lambda: len(scored) == 2), scored
+    assert held.started == [["writer-a"]] and not results
+    held.release.set()
+    first.join(20)
+    second.join(20)
+    assert held.started == [["writer-a"], ["writer-b"]]  # one writer thread: stored in the order scored
+    assert held.thread_names and all(name.startswith("umcd-writer") for name in held.thread_names)
+    assert {rid: r["verdict"] for rid, r in results.items()}.keys() == {"writer-a", "writer-b"}
+    with session_scope(runtime.engine) as s:
+        for rid in ("writer-a", "writer-b"):
+            assert repo.get_verdict(s, rid).verdict == results[rid]["verdict"]
+
+
+def test_stop_stores_and_answers_the_batches_already_scored(runtime, monkeypatch):
+    from db import repo
+    from db.session import session_scope
+
+    held = _HeldWrites(runtime)
+    monkeypatch.setattr(runtime, "_write", held)
+    results: dict[str, dict] = {}
+    asking = threading.Thread(target=lambda: results.update(late=runtime.handle(_request("writer-late"), _png(3))))
+    asking.start()
+    assert _wait_until(lambda: held.started == [["writer-late"]])
+    stopping = threading.Thread(target=runtime.stop)
+    stopping.start()
+    time.sleep(0.3)
+    assert stopping.is_alive(), "stop returned while a scored batch was still unstored"
+    held.release.set()
+    stopping.join(20)
+    asking.join(20)
+    assert not stopping.is_alive() and results["late"]["request_id"] == "writer-late"
+    with session_scope(runtime.engine) as s:
+        assert repo.get_verdict(s, "writer-late") is not None
