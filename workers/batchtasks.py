@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections import Counter
 from typing import Any
 
@@ -84,6 +85,7 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     """
     import sqlalchemy.exc
 
+    from workers import metrics
     from workers.results import ScreenRequest
     from workers.runtime import NoModel, get_runtime
     from workers.tasks import (NO_MODEL_COUNTDOWN_S, NO_MODEL_MAX_RETRIES, TRANSIENT_MAX_RETRIES, _as_epoch,
@@ -137,12 +139,15 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     if again and retries >= max_retries:  # out of retries: these items fail with their last error
         done += [(item["request_id"], exc) for item, exc in again]
         again = []
+    cpu = time.thread_time()
     try:
         store_item_results(task.backend, done)
     except transient as exc:  # the verdicts are committed: a redelivery answers from the audit store
         log.warning("batch %s: storing %d results failed (%s: %s); retrying the message", task.request.id,
                     len(done), type(exc).__name__, exc)
         raise task.retry(countdown=backoff_s(retries), max_retries=TRANSIENT_MAX_RETRIES, exc=exc) from None
+    finally:
+        metrics.add_cpu("answer", time.thread_time() - cpu)
     summary = {
         "items": len(items), "stored": len(done),
         "verdicts": dict(Counter(o["verdict"] for _, o in done if isinstance(o, dict))),

@@ -31,6 +31,13 @@ REPLICA_VISIBILITY = Histogram(
     "umcd_replica_visibility_seconds", "Seconds from an index_log row's write to its application on this replica.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0))
 
+#: where a detection worker's CPU goes (thread CPU time, so other threads' work is never counted)
+STAGES = ("decode", "score", "store", "answer")
+STAGE_CPU = Counter(
+    "umcd_worker_cpu_seconds", "Thread CPU seconds of a detection worker by stage: decode (reading and decoding "
+    "images, task threads), score (model, search, criteria and Results, the batcher), store (the audit "
+    "transaction, the writer), answer (Result stores of batch messages, task threads).", ["stage"])
+
 _server_lock = threading.Lock()
 _server_port: int | None = None
 
@@ -85,3 +92,8 @@ def count(queue: str, outcome: str) -> None:
 def observe_visibility(delays: list[float]) -> None:
     for d in delays:
         REPLICA_VISIBILITY.observe(max(0.0, d))
+
+
+def add_cpu(stage: str, seconds: float) -> None:
+    """Add thread CPU ``seconds`` (``time.thread_time()`` differences) to ``stage`` (one of STAGES)."""
+    STAGE_CPU.labels(stage=stage).inc(max(0.0, seconds))

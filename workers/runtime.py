@@ -411,6 +411,7 @@ class DetectionRuntime:
         """
         state = self._state
         size = state.image_size if state is not None else DEFAULT_IMAGE_SIZE
+        cpu = time.thread_time()
         try:
             data = resolve_image_ref(image_ref, self.redis, allowed_roots=self.settings.image_roots,
                                      max_bytes=self.settings.max_image_bytes)
@@ -418,6 +419,8 @@ class DetectionRuntime:
             image = decode_for_model(data, self.settings, size)
         except InvalidImage as exc:
             return self.answer_invalid(request, exc.reason)
+        finally:
+            metrics.add_cpu("decode", time.thread_time() - cpu)
         if state is None:
             self.wait_for_model(timeout=5.0)  # raises NoModel: the task retries later
         future = self.batcher.submit(BatchItem(request, image, data))
@@ -441,6 +444,7 @@ class DetectionRuntime:
         state = self._state
         size = state.image_size if state is not None else DEFAULT_IMAGE_SIZE
         decoded: list[tuple[int, BatchItem]] = []
+        cpu = time.thread_time()
         for i, (request, ref) in enumerate(zip(requests, image_refs)):
             try:
                 data = resolve_image_ref(ref, self.redis, allowed_roots=self.settings.image_roots,
@@ -454,6 +458,7 @@ class DetectionRuntime:
                     outcomes[i] = store_exc
             except Exception as exc:  # noqa: BLE001 - e.g. Redis down while reading a redis_key image
                 outcomes[i] = exc
+        metrics.add_cpu("decode", time.thread_time() - cpu)  # with the audit rows of invalid images, if any
         if decoded and state is None:
             try:
                 self.wait_for_model(timeout=5.0)
@@ -502,6 +507,7 @@ class DetectionRuntime:
         state = self._state
         if state is None:
             return [NoModel("no model loaded") for _ in items]
+        cpu = time.thread_time()
         images = np.stack([self._fit(it.image, state.image_size) for it in items])
         batch = state.detector.score_batch(torch.from_numpy(images))
         model_s = float(batch.timings.get("model", 0.0))
@@ -525,6 +531,7 @@ class DetectionRuntime:
                     entry[1]["_image_path"] = str(path)
                 except Exception as exc:  # noqa: BLE001 - this item fails alone
                     entries[k] = exc
+        metrics.add_cpu("score", time.thread_time() - cpu)
         # the verdicts are stored on the writer thread while this thread scores the next batch; at most
         # WRITES_IN_FLIGHT batches wait there (then scoring waits: the audit store sets the pace)
         self._write_slots.acquire()
@@ -538,10 +545,12 @@ class DetectionRuntime:
                entries: list[tuple[BatchItem, dict, dict, bytes] | BaseException]) -> list[dict | BaseException]:
         """The writer thread's half of a batch: one transaction for its verdicts (one by one if that
         fails), then each item's outcome in order."""
+        cpu = time.thread_time()
         try:
             return self._store_outcomes(state, items, entries)
         finally:
             self._write_slots.release()
+            metrics.add_cpu("store", time.thread_time() - cpu)
 
     def _store_outcomes(self, state: ModelState, items: list[BatchItem],
                         entries: list[tuple[BatchItem, dict, dict, bytes] | BaseException]) -> list[dict | BaseException]:

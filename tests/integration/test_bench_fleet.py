@@ -57,6 +57,15 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         per_image = cpu["ms_per_image"]
         assert per_image["worker"] == pytest.approx(1e3 * cpu["cpu_seconds"]["worker"] / rows[mode]["images"], rel=1e-3)
         assert cpu["cpu_bound_images_per_s"] == pytest.approx(1e3 * cpu["cores"] / sum(per_image.values()), rel=1e-3)
+        # the workers' own account of it (umcd_worker_cpu_seconds_total from their /metrics), the rest "other"
+        stages = cpu["worker_stage_cpu_seconds"]
+        assert {"decode", "score", "store", "other"} <= set(stages), stages
+        assert all(stages[k] > 0 for k in ("decode", "score", "store")), stages
+        assert sum(stages.values()) == pytest.approx(cpu["cpu_seconds"]["worker"], abs=0.01)
+        assert cpu["worker_stage_ms_per_image"]["score"] == pytest.approx(
+            1e3 * stages["score"] / rows[mode]["images"], rel=1e-3)
+    for mode in ("fleet_batch_saturation", "fleet_batch_prequeued"):  # batch messages store their own Results
+        assert rows[mode]["cpu"]["worker_stage_cpu_seconds"]["answer"] > 0
     memory = result["worker_memory"]
     assert memory["requests"] == sum(rows[m]["images"] for m in MODES[2:]) and len(memory["growth"]) == 2
     assert memory["steady"]["requests"] == QUICK.saturation_batch and len(memory["steady"]["growth"]) == 2

@@ -139,3 +139,19 @@ def test_stop_stores_and_answers_the_batches_already_scored(runtime, monkeypatch
     assert not stopping.is_alive() and results["late"]["request_id"] == "writer-late"
     with session_scope(runtime.engine) as s:
         assert repo.get_verdict(s, "writer-late") is not None
+
+
+def test_a_worker_counts_its_cpu_by_stage_for_its_metrics(runtime):
+    """umcd_worker_cpu_seconds_total{stage}: decoding on the task thread, scoring on the batcher and the
+    audit transaction on the writer each add their thread's CPU time."""
+    from prometheus_client import REGISTRY
+
+    def stages() -> dict[str, float]:
+        return {stage: REGISTRY.get_sample_value("umcd_worker_cpu_seconds_total", {"stage": stage}) or 0.0
+                for stage in ("decode", "score", "store")}
+
+    before = stages()
+    results = runtime.handle_many([_request(f"cpu-{i}") for i in range(8)], [_png(10 + i) for i in range(8)])
+    assert all(r["verdict"] in ("benign", "adversarial") for r in results)
+    after = stages()
+    assert all(after[k] > before[k] for k in after), (before, after)

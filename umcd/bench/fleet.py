@@ -239,13 +239,39 @@ class CpuMeter:
 
         self.procs: list[tuple[str, object]] = [("producer", psutil.Process())]
         state = fleet.read_state() if fleet is not None else None
+        #: the workers' /metrics endpoints (their CPU by stage: workers.metrics.STAGE_CPU)
+        self.metrics_urls = [r.url for r in (state.services if state else []) if r.kind == "worker" and r.url]
         for record in (state.services if state else []):
             try:
                 self.procs.append((record.kind, psutil.Process(record.pid)))
             except psutil.Error:
                 continue
         self._start = self._sample()
+        self._stages_start = self.stage_cpu()
         self._rss_start = self.worker_rss()
+
+    def stage_cpu(self) -> dict[str, float]:
+        """The workers' thread CPU seconds by stage (``umcd_worker_cpu_seconds_total``), summed over workers;
+        a worker whose endpoint does not answer is left out."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for url in self.metrics_urls:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name != "umcd_worker_cpu_seconds":
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        stage = sample.labels["stage"]
+                        out[stage] = out.get(stage, 0.0) + sample.value
+        return out
 
     def worker_rss(self) -> dict[str, int]:
         """Resident bytes of each worker process (by pid)."""
@@ -272,8 +298,12 @@ class CpuMeter:
         end = self._sample()
         used = {k: round(end.get(k, 0.0) - self._start.get(k, 0.0), 3) for k in end}
         total = sum(used.values())
+        stages_end = self.stage_cpu()
+        stages = {k: round(v - self._stages_start.get(k, 0.0), 4) for k, v in stages_end.items()}
+        if stages and "worker" in used:  # Celery's own work, message decoding, polling threads
+            stages["other"] = round(used["worker"] - sum(stages.values()), 4)
         rss = self.worker_rss()
-        return {"cpu_seconds": used, "cpu_seconds_total": round(total, 3),
+        return {"cpu_seconds": used, "cpu_seconds_total": round(total, 3), "worker_stage_cpu_seconds": stages,
                 "cores_busy": round(total / max(seconds, 1e-9), 3), "cores": os.cpu_count(),
                 "worker_rss_mib_start": {k: round(v / 2**20, 1) for k, v in self._rss_start.items()},
                 "worker_rss_mib_end": {k: round(v / 2**20, 1) for k, v in rss.items()}}
@@ -611,6 +641,8 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             # where each image's CPU went, and the rate the machine's cores would allow at that cost
             per = {k: 1e3 * v / row["images"] for k, v in cpu["cpu_seconds"].items()}
             cpu["ms_per_image"] = {k: round(v, 4) for k, v in per.items()}
+            cpu["worker_stage_ms_per_image"] = {k: round(1e3 * v / row["images"], 4)
+                                                for k, v in cpu.get("worker_stage_cpu_seconds", {}).items()}
             cpu["cpu_bound_images_per_s"] = round(1e3 * (cpu["cores"] or 1) / max(sum(per.values()), 1e-9), 1)
     rows = in_rows + rows
 
