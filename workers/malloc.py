@@ -53,3 +53,12 @@ def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
         log.warning("mallopt refused the thresholds (%d, %d): malloc keeps (some of) its defaults",
                     mmap_threshold, trim_threshold)
     return ok
+
+
+def keep_freed_memory(mib: int) -> bool:
+    """The worker's setting (``UMCD_WORKER_MALLOC_KEEP_MIB``) applied: allocations up to ``min(mib, 32)`` MiB
+    come from malloc's heaps and up to ``mib`` MiB of freed memory stay mapped. 0 changes nothing (False)."""
+    keep = int(mib) * 2**20
+    if keep <= 0:
+        return False
+    return tune_malloc(mmap_threshold=min(keep, MAX_MMAP_THRESHOLD), trim_threshold=keep)

@@ -27,7 +27,7 @@ from workers import auditwrites, metrics
 from workers.batching import MicroBatcher
 from workers.encoding import decode_for_model, encode_stored, store_image
 from workers.imaging import InvalidImage, resolve_image_ref
-from workers.malloc import MAX_MMAP_THRESHOLD, tune_malloc
+from workers.malloc import keep_freed_memory
 from workers.replica import Replica
 from workers.results import ScreenRequest, detection_result, invalid_result, result_from_verdict
 
@@ -149,9 +149,7 @@ class DetectionRuntime:
     def start(self, load: bool = True) -> DetectionRuntime:
         """Serve metrics, load the active model if one is published, start the threads."""
         sys.setswitchinterval(self.settings.worker_gil_switch_ms / 1000.0)  # process-wide: see the setting
-        keep = self.settings.worker_malloc_keep_mib * 2**20
-        if keep:  # activations reuse the last batch's pages (process-wide, glibc only): see workers.malloc
-            tune_malloc(mmap_threshold=min(keep, MAX_MMAP_THRESHOLD), trim_threshold=keep)
+        keep_freed_memory(self.settings.worker_malloc_keep_mib)  # activations reuse the last batch's pages
         metrics.serve(self.settings.metrics_port)
         metrics.bind_replica(
             lambda: float(len(self._state.replica)) if self._state is not None else 0.0,

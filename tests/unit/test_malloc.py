@@ -68,8 +68,10 @@ def test_a_started_runtime_tunes_malloc_as_its_setting_says(monkeypatch, tmp_pat
     import workers.runtime as runtime_module
     from umcd.settings import Settings
 
+    import workers.malloc as malloc_module
+
     calls = []
-    monkeypatch.setattr(runtime_module, "tune_malloc", lambda **kw: calls.append(kw) or True)
+    monkeypatch.setattr(malloc_module, "tune_malloc", lambda **kw: calls.append(kw) or True)
     monkeypatch.setattr(runtime_module.metrics, "serve", lambda port: None)
     before = sys.getswitchinterval()
     try:

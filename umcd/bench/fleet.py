@@ -486,7 +486,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
     from producers.sdk import Client
     from umcd.fleet import Fleet
     from umcd.settings import Settings
-    from workers.malloc import MAX_MMAP_THRESHOLD, tune_malloc
+    from workers.malloc import keep_freed_memory
 
     say = progress or (lambda message: print(f"[bench fleet] {message}", file=sys.stderr, flush=True))
     plan = QUICK if quick else FULL
@@ -508,8 +508,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         # the baseline runs under the workers' malloc settings (without them it pays the page faults the
         # workers no longer pay, and the ratio would flatter the fleet)
         keep_mib = Settings.model_fields["worker_malloc_keep_mib"].default  # the workers' (UMCD_* is not passed on)
-        keep = keep_mib * 2**20
-        malloc_tuned = bool(keep) and tune_malloc(mmap_threshold=min(keep, MAX_MMAP_THRESHOLD), trim_threshold=keep)
+        malloc_tuned = keep_freed_memory(keep_mib)
         say("in-process baseline: Detector.score_batch")
         detector, index_size = _in_process_detector(published, ck, settings)
         tensors = _digits()[1]
