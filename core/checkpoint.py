@@ -55,6 +55,19 @@ def save_checkpoint(path: str | Path, model: CSQModel, centers: torch.Tensor, me
     return file_sha256(path)
 
 
+def save_untrained_checkpoint(path: str | Path, bits: int = 16, backbone: str = "smallcnn", seed: int = 0) -> Path:
+    """A checkpoint of ``backbone`` with random weights (seeded) and digits' 10 hash centres, 32x32 inputs:
+    what quick benchmarks and tests serve when accuracy is not the point (no training). Returns ``path``."""
+    from core.centers import make_centers
+    from core.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(backbone, bits).eval()
+    centers = torch.from_numpy(make_centers(10, bits)).float()
+    save_checkpoint(path, model, centers, CheckpointMeta(backbone, bits, "digits", 0, 10, 32, epochs=0))
+    return Path(path)
+
+
 @dataclass
 class LoadedCheckpoint:
     model: CSQModel

@@ -61,6 +61,16 @@ def wait_for_port(port: int, host: str = LOOPBACK, timeout: float = 30.0, proces
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.005) -> bool:
+    """Poll ``predicate()`` until it is true (True) or ``timeout`` s passed (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def wait_for_port_closed(port: int, host: str = LOOPBACK, timeout: float = 30.0) -> None:
     """Block until ``host:port`` refuses connections; raise ``TimeoutError`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout

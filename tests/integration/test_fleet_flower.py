@@ -44,21 +44,6 @@ def _pngs(n: int) -> list[bytes]:
     return out
 
 
-def _untrained_checkpoint(path: Path) -> Path:
-    """A 16-bit smallcnn with random weights: the workers serve it like any model (accuracy is not the point)."""
-    import torch
-
-    from core.centers import make_centers
-    from core.checkpoint import CheckpointMeta, save_checkpoint
-    from core.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("smallcnn", BITS).eval()
-    centers = torch.from_numpy(make_centers(10, BITS)).float()
-    save_checkpoint(path, model, centers, CheckpointMeta("smallcnn", BITS, "digits", 0, 10, 32, epochs=0))
-    return path
-
-
 def _metrics(url: str) -> dict[str, float]:
     """A worker's ``umcd_*`` samples (``name{labels}`` -> value)."""
     import httpx
@@ -101,6 +86,7 @@ def fleet():
 def test_flower_and_prometheus_see_both_workers_and_the_work_they_did(fleet):
     import httpx
 
+    from core.checkpoint import save_untrained_checkpoint
     from producers.sdk import Client
     from umcd.settings import Settings
     from workers.publish import publish
@@ -110,7 +96,7 @@ def test_flower_and_prometheus_see_both_workers_and_the_work_they_did(fleet):
     urls = fleet.client_env()
     settings = Settings(artifacts=Path(urls["UMCD_ARTIFACTS"]), broker_url=urls["UMCD_BROKER_URL"],
                         result_backend=urls["UMCD_RESULT_BACKEND"], database_url=urls["UMCD_DATABASE_URL"], bits=BITS)
-    published = publish(_untrained_checkpoint(fleet.root / "untrained.safetensors"), settings=settings,
+    published = publish(save_untrained_checkpoint(fleet.root / "untrained.safetensors", BITS), settings=settings,
                         seed_fraction=0.3)
     workers = {name: state.service(name) for name in ("detect0", "detect1")}
     deadline = time.monotonic() + 60  # both workers load the published model before any work is sent

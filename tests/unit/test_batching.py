@@ -9,6 +9,8 @@ import pytest
 
 from workers.batching import BatcherStopped, MicroBatcher
 
+from tests.servers import wait_until
+
 
 class Recorder:
     """A batch function that doubles numbers, records batch sizes, and can be held or poisoned."""
@@ -159,7 +161,7 @@ def test_a_deferred_stage_lets_the_batcher_score_the_next_batch_before_the_last_
 
     with MicroBatcher(process, max_size=2, max_wait_s=1.0) as batcher:  # a batch closes when full
         first = [batcher.submit(x) for x in (1, 2)]
-        assert _wait_until(lambda: len(stages) == 1)
+        assert wait_until(lambda: len(stages) == 1)
         second = [batcher.submit(x) for x in (3, 4)]
         assert second_batch.wait(5), "the batcher waited for the first batch's deferred stage"
         assert not any(f.done() for f in first + second)
@@ -195,13 +197,3 @@ def test_a_failed_deferred_stage_fails_each_item_of_its_batch_and_the_batcher_go
                 f.result(5)
         assert batcher.submit(7).result(5) == 14
 
-
-def _wait_until(predicate, timeout: float = 5.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False

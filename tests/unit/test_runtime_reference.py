@@ -15,19 +15,14 @@ DETECTOR = "umcd-trust-input"
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """An untrained 16-bit model published with umcd-trust-input to a SQLite audit store: (settings, PublishResult)."""
-    from core.centers import make_centers
-    from core.checkpoint import CheckpointMeta, save_checkpoint
-    from core.models import create_model
+    from core.checkpoint import save_untrained_checkpoint
     from db.migrate import upgrade
     from db.session import dispose_engine
     from umcd.settings import Settings
     from workers.publish import publish
 
     artifacts = tmp_path_factory.mktemp("reference-detector")
-    torch.manual_seed(0)
-    checkpoint = artifacts / "untrained.safetensors"
-    save_checkpoint(checkpoint, create_model("smallcnn", 16), torch.as_tensor(make_centers(10, 16)),
-                    CheckpointMeta("smallcnn", 16, "digits", 0, 10, 32))
+    checkpoint = save_untrained_checkpoint(artifacts / "untrained.safetensors", 16)
     url = f"sqlite:///{artifacts / 'audit.db'}"
     upgrade(url)
     settings = Settings(artifacts=artifacts, database_url=url, broker_url="redis://unused", bits=16, device="cpu",

@@ -3,31 +3,27 @@
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import time
 
 import numpy as np
 import pytest
-import torch
+
+from tests.fleet_helpers import png
+from tests.servers import wait_until
 
 
 @pytest.fixture()
 def runtime(tmp_path, monkeypatch):
     """A started DetectionRuntime over an untrained 16-bit model published to SQLite (no servers)."""
-    from core.centers import make_centers
-    from core.checkpoint import CheckpointMeta, save_checkpoint
-    from core.models import create_model
+    from core.checkpoint import save_untrained_checkpoint
     from db.migrate import upgrade
     from db.session import dispose_engine
     from umcd.settings import Settings
     from workers import runtime as runtime_module
     from workers.publish import publish
 
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "untrained.safetensors"
-    save_checkpoint(checkpoint, create_model("smallcnn", 16), torch.as_tensor(make_centers(10, 16)),
-                    CheckpointMeta("smallcnn", 16, "digits", 0, 10, 32))
+    checkpoint = save_untrained_checkpoint(tmp_path / "untrained.safetensors", 16)
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     upgrade(url)
     settings = Settings(artifacts=tmp_path, database_url=url, broker_url="redis://unused", bits=16, device="cpu",
@@ -45,12 +41,9 @@ def runtime(tmp_path, monkeypatch):
 
 
 def _png(seed: int) -> dict:
-    from PIL import Image
-
+    """An inline ImageRef of a random 32x32 RGB PNG."""
     pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return {"inline": base64.b64encode(buf.getvalue()).decode("ascii")}
+    return {"inline": base64.b64encode(png(pixels)).decode("ascii")}
 
 
 def _request(rid: str):
@@ -75,15 +68,6 @@ class _HeldWrites:
         return self.inner(state, entries)
 
 
-def _wait_until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_the_next_batch_is_scored_while_the_last_ones_verdicts_are_still_being_stored(runtime, monkeypatch):
     from db import repo
     from db.session import session_scope
@@ -102,11 +86,11 @@ def test_the_next_batch_is_scored_while_the_last_ones_verdicts_are_still_being_s
 
     first = threading.Thread(target=ask, args=("writer-a", 1))
     first.start()
-    assert _wait_until(lambda: held.started == [["writer-a"]])
+    assert wait_until(lambda: held.started == [["writer-a"]])
     second = threading.Thread(target=ask, args=("writer-b", 2))
     second.start()
     # batch 2 is scored although batch 1's transaction has not even begun to commit
-    assert _wait_until(lambda: len(scored) == 2), scored
+    assert wait_until(lambda: len(scored) == 2), scored
     assert held.started == [["writer-a"]] and not results
     held.release.set()
     first.join(20)
@@ -128,7 +112,7 @@ def test_stop_stores_and_answers_the_batches_already_scored(runtime, monkeypatch
     results: dict[str, dict] = {}
     asking = threading.Thread(target=lambda: results.update(late=runtime.handle(_request("writer-late"), _png(3))))
     asking.start()
-    assert _wait_until(lambda: held.started == [["writer-late"]])
+    assert wait_until(lambda: held.started == [["writer-late"]])
     stopping = threading.Thread(target=runtime.stop)
     stopping.start()
     time.sleep(0.3)

@@ -56,29 +56,15 @@ QUICK = FleetBenchPlan(db_codes=2_000, workers=2, warmup=16, open_rate=20.0, ope
 # --------------------------------------------------------------------------- the model and its images
 
 
-def _untrained_checkpoint(path: Path, bits: int = 16) -> Path:
-    """A smallcnn checkpoint with random weights (quick runs on a fresh clone: no training)."""
-    import torch
-
-    from core.centers import make_centers
-    from core.checkpoint import CheckpointMeta, save_checkpoint
-    from core.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("smallcnn", bits).eval()
-    centers = torch.from_numpy(make_centers(10, bits)).float()
-    save_checkpoint(path, model, centers, CheckpointMeta("smallcnn", bits, "digits", 0, 10, 32, epochs=0))
-    return path
-
-
 def _checkpoint(artifacts: Path, work: Path, quick: bool) -> tuple[Path, str]:
     """(checkpoint path, how it was obtained): the trained 64-bit digits model; quick runs take an
     untrained 16-bit one when no trained checkpoint exists yet."""
+    from core.checkpoint import save_untrained_checkpoint
     from core.pipeline import checkpoint_path
 
     trained = checkpoint_path(artifacts, "digits", 64, "smallcnn")
     if quick and not trained.is_file():
-        return _untrained_checkpoint(work / "untrained-16.safetensors"), "untrained smallcnn, 16 bits (quick)"
+        return save_untrained_checkpoint(work / "untrained-16.safetensors"), "untrained smallcnn, 16 bits (quick)"
     ck = trained_model(artifacts)  # trains and saves it when missing
     return Path(ck.path), f"trained smallcnn, {ck.meta.bits} bits, digits"
 
