@@ -100,17 +100,52 @@ def celery_config(settings: Settings, broker: str, backend: str) -> dict:
     }
 
 
+class _RequestShown:
+    """A task request as the result backend records it (``result_extended``): its ``args`` and
+    ``kwargs`` are the reprs its message carries for events and Flower (``argsrepr``/``kwargsrepr``,
+    set by the SDK, else Celery's 1 KiB ``saferepr``); every other attribute is the request's own."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str):
+        return getattr(self._request, name)
+
+    @property
+    def args(self):
+        return getattr(self._request, "argsrepr", None)
+
+    @property
+    def kwargs(self):
+        return getattr(self._request, "kwargsrepr", None)
+
+
 class FleetRedisBackend(RedisBackend):
-    """Celery's Redis result backend, minus the pub/sub subscription a producer makes per message.
+    """Celery's Redis result backend, minus the pub/sub subscription a producer makes per message,
+    and minus the copy of every message's images in its stored states.
 
     Stock Celery subscribes to every sent task's result channel before publishing (one extra
     round trip per message) and, with Redis down, retries that for 20 s and then leaves the
     app's result consumer dead until restart. Our producers poll results by id (``MGET``), so
     they skip it; ``AsyncResult.get()`` still works (it subscribes when called).
+
+    With ``result_extended`` stock Celery also stores the task's ``args`` and ``kwargs`` in its
+    STARTED and SUCCESS states: for a screening message those hold the inline images (base64, up
+    to ``inline_image_limit`` each, up to 1,024 per batch message), kept for ``result_expires``
+    (a day) and encoded, read back and decoded again at every state change. Here they are the
+    message's reprs instead (the SDK's summary, ``<64 images>``); name, worker, queue and retries
+    stay.
     """
 
     def on_task_call(self, producer, task_id):  # noqa: D102 - see the class docstring
         return None
+
+    def _get_result_meta(self, result, state, traceback, request, format_date=True, encode=False):
+        if request is not None:
+            request = _RequestShown(request)
+        return super()._get_result_meta(result, state, traceback, request, format_date=format_date, encode=encode)
 
 
 def make_celery(settings: Settings | None = None, *, name: str = "umcd",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import signal
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.checkpoint import save_untrained_checkpoint
+from tests.fleet_helpers import png
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,15 +35,6 @@ WORKER_ENV = {
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def png(pixels: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def digit_pngs() -> list[bytes]:
     """PNG bytes of the digits query split (360 images of 32x32)."""
@@ -50,21 +42,6 @@ def digit_pngs() -> list[bytes]:
 
     x = load_dataset("digits", seed=0).query.get().mul(255).round().byte().permute(0, 2, 3, 1).numpy()
     return [png(a) for a in x]
-
-
-def untrained_checkpoint(path: Path, bits: int = BITS) -> Path:
-    """A smallcnn checkpoint with random weights: every code path of a real model in no time."""
-    import torch
-
-    from core.centers import make_centers
-    from core.checkpoint import CheckpointMeta, save_checkpoint
-    from core.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("smallcnn", bits).eval()
-    centers = torch.from_numpy(make_centers(10, bits)).float()
-    save_checkpoint(path, model, centers, CheckpointMeta("smallcnn", bits, "digits", 0, 10, 32, epochs=0))
-    return path
 
 
 @dataclass
@@ -132,7 +109,7 @@ def fleet(redis_server, digit_pngs, tmp_path_factory):
         while "retrying them" not in log.read_text(errors="replace"):  # the worker sent them on for later
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.2)
-        published = publish(untrained_checkpoint(artifacts / "untrained.safetensors"), settings=settings,
+        published = publish(save_untrained_checkpoint(artifacts / "untrained.safetensors", BITS), settings=settings,
                             seed_fraction=0.5)
         yield BatchFleet(settings, client, db_url, published, proc, log, early_ids)
     finally:
@@ -179,6 +156,18 @@ def test_batch_queries_get_one_result_and_one_verdict_row_each_from_shared_model
     assert {rid: v[0]["verdict"] for rid, v in rows.items()} == {rid: r.verdict for rid, r in results.items()}
     assert max(v[0]["batch_size"] for v in rows.values()) > 1  # the images of a message share model batches
     assert {v[0]["worker"].split("@")[0] for v in rows.values()} == {"batch1"}
+    # the messages' own states in the result backend name the task and worker but hold no copy of their images
+    import json
+
+    import redis as redis_lib
+
+    backend = redis_lib.Redis.from_url(fleet.settings.broker_url)
+    metas = [json.loads(backend.get(key)) for key in backend.scan_iter("celery-task-meta-*")]
+    messages = [m for m in metas if m.get("name") == "umcd.detect_batch" and m["status"] == "SUCCESS"]
+    assert all(m["worker"].startswith("batch1@") and isinstance(m["kwargs"], str) for m in messages)
+    assert sum("<40 images>" in m["kwargs"] for m in messages) >= 3  # this test's 120 images in messages of 40
+    middle = base64.b64encode(images[3]).decode()[200:264]
+    assert not any(middle in json.dumps(m) for m in metas)
 
 
 def test_a_redelivered_batch_keeps_the_first_verdicts_and_writes_no_second_row(fleet, digit_pngs):

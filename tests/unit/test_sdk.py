@@ -318,3 +318,28 @@ def test_make_celery_routes_every_task_name_to_its_queue_and_accepts_only_json(t
     assert conf.worker_send_task_events and conf.task_send_sent_event and conf.result_extended
     assert conf.result_backend == "redis://127.0.0.1:1/0"  # defaults to the broker
     assert isinstance(app.backend, FleetRedisBackend)
+
+
+def test_stored_task_states_keep_the_messages_reprs_not_their_images(tmp_path):
+    """result_extended records name, worker, queue and retries; args and kwargs are the message's reprs
+    (what events show), so a STARTED or SUCCESS state never holds a copy of the message's images."""
+    from celery.app.task import Context
+
+    from umcd.celeryconf import make_celery
+
+    app = make_celery(Settings(broker_url="redis://127.0.0.1:1/0", artifacts=tmp_path))
+    image = "iVBORw0KGgo" + "A" * 4000
+    request = Context({"id": "m-1", "task": "umcd.detect_batch", "hostname": "w1@host", "retries": 2,
+                       "delivery_info": {"routing_key": "detect"}, "argsrepr": "()",
+                       "kwargsrepr": "{'items': '<64 images>'}"},
+                      args=[], kwargs={"items": [{"request_id": "r-1", "image": {"inline": image}}]})
+    for state, result in (("STARTED", {"pid": 1}), ("SUCCESS", {"items": 1})):
+        meta = app.backend._get_result_meta(result, state, None, request, encode=True)
+        assert (meta["name"], meta["worker"], meta["queue"], meta["retries"]) == \
+            ("umcd.detect_batch", "w1@host", "detect", 2)
+        assert app.backend.decode(meta["kwargs"]) == "{'items': '<64 images>'}"
+        assert app.backend.decode(meta["args"]) == "()"
+        stored = app.backend.encode({**meta, "task_id": "m-1"})
+        assert "iVBORw0KGgo" not in stored and len(stored) < 1024
+    # a request-less state (the per-item Results of a batch) is unchanged
+    assert "kwargs" not in app.backend._get_result_meta({"x": 1}, "SUCCESS", None, None)
