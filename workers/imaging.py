@@ -198,8 +198,8 @@ def decode_image(
             im.draft(None, (side, side))
         _load(im)
         _check_geometry(im.size, max_pixels=max_pixels, min_side=min_side)  # ICO/TIFF may change size
-        try:
-            im = ImageOps.exif_transpose(im)
+        try:  # in place: no copy of the pixels when there is nothing to turn (the usual case)
+            ImageOps.exif_transpose(im, in_place=True)
         except Exception:  # noqa: BLE001 - broken EXIF: keep the pixels as stored
             pass
         if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("I", "F"):
