@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -464,19 +465,22 @@ class DetectionRuntime:
                 for i, _ in decoded:
                     outcomes[i] = exc
                 return outcomes  # type: ignore[return-value]
-        futures = []
-        for i, item in decoded:
-            try:
-                futures.append((i, self.batcher.submit(item)))
-            except Exception as exc:  # noqa: BLE001 - BatcherStopped: a shutdown; the task retries
+        if not decoded:
+            return outcomes  # type: ignore[return-value]
+        try:  # all at once: one wake-up of the batcher, and this thread wakes once, when the last is answered
+            futures = self.batcher.submit_many([item for _, item in decoded])
+        except Exception as exc:  # noqa: BLE001 - BatcherStopped: a shutdown; the task retries
+            for i, _ in decoded:
                 outcomes[i] = exc
-        deadline = time.monotonic() + self.result_timeout_s
-        for i, future in futures:
-            try:
-                outcomes[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout as exc:
+            return outcomes  # type: ignore[return-value]
+        wait_futures(futures, timeout=self.result_timeout_s)
+        for (i, _), future in zip(decoded, futures):
+            if not future.done():
                 future.cancel()
-                outcomes[i] = exc
+                outcomes[i] = FutureTimeout(f"no answer from the batcher within {self.result_timeout_s:.0f} s")
+                continue
+            try:
+                outcomes[i] = future.result(timeout=0)
             except Exception as exc:  # noqa: BLE001 - the batcher failed this item alone
                 outcomes[i] = exc
         return outcomes  # type: ignore[return-value]

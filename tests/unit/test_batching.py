@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -47,6 +48,60 @@ def test_concurrent_submitters_share_batches_and_each_gets_its_own_result():
     assert sum(sizes) == 61
     assert max(sizes) > 1
     assert batcher.stats.items == 61 and batcher.stats.max_size == max(sizes)
+
+
+def test_submit_many_queues_items_in_order_and_they_share_batches():
+    fn = Recorder()
+    fn.gate.clear()  # hold the first batch so that the next ones gather from a full queue
+    with MicroBatcher(fn, max_size=8, max_wait_s=0.5) as batcher:
+        first = batcher.submit_many(range(8))  # a full batch: it runs at once
+        assert fn.entered.wait(5)
+        futures = batcher.submit_many(range(8, 28))
+        fn.gate.set()
+        assert [f.result(10) for f in first + futures] == [2 * x for x in range(28)]
+    assert fn.batches == [list(range(8)), list(range(8, 16)), list(range(16, 24)), list(range(24, 28))]
+
+
+class CountingCondition:
+    """A threading.Condition that counts how often a wait returned (the batching thread woke up)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self.wakeups = 0
+
+    def __enter__(self):
+        return self._cond.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cond.__exit__(*exc)
+
+    def wait(self, timeout=None):
+        try:
+            return self._cond.wait(timeout)
+        finally:
+            self.wakeups += 1
+
+    def notify(self, n=1):
+        self._cond.notify(n)
+
+
+def test_a_gathering_batch_is_not_woken_for_every_item():
+    """Items arriving one by one while a batch gathers wake the batching thread when the batch could be
+    full or its wait is over, not once per item (each wake-up is a GIL hand-off with the submitters)."""
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_size=64, max_wait_s=1.0)
+    batcher._ready = counting = CountingCondition()
+    with batcher:
+        assert wait_until(lambda: counting._cond._waiters, timeout=5)  # asleep, waiting for a first item
+        futures = []
+        for x in range(40):  # one by one, 2 ms apart (80 ms in all, within the 1 s wait)
+            futures.append(batcher.submit(x))
+            time.sleep(0.002)
+        assert [f.result(10) for f in futures] == [2 * x for x in range(40)]
+        assert fn.batches == [list(range(40))]  # one batch, closed by its wait
+        assert counting.wakeups <= 3  # the first item, the end of the wait (and at most one spurious)
+        more = batcher.submit_many(range(64))  # a full batch at once: no wait at all
+        assert [f.result(10) for f in more] == [2 * x for x in range(64)]
 
 
 def test_a_batch_never_exceeds_max_size():

@@ -139,3 +139,28 @@ def test_a_worker_counts_its_cpu_by_stage_for_its_metrics(runtime):
     assert all(r["verdict"] in ("benign", "adversarial") for r in results)
     after = stages()
     assert all(after[k] > before[k] for k in after), (before, after)
+
+
+def test_items_not_answered_within_the_result_timeout_get_a_timeout_and_their_verdicts_are_still_stored(
+        runtime, monkeypatch):
+    """handle_many waits once for all of a message's items; an item whose batch has not answered within
+    result_timeout_s gets a TimeoutError (the task retries it, and the retry answers from the audit store)."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from db import repo
+    from db.session import session_scope
+
+    held = _HeldWrites(runtime)
+    monkeypatch.setattr(runtime, "_write", held)
+    runtime.result_timeout_s = 0.3
+    refs = [_png(20), {"inline": base64.b64encode(b"not an image").decode("ascii")}, _png(21)]
+    outcomes = runtime.handle_many([_request(f"slow-{i}") for i in range(3)], refs)
+    assert isinstance(outcomes[0], FutureTimeout) and isinstance(outcomes[2], FutureTimeout), outcomes
+    assert outcomes[1]["verdict"] == "invalid_input"  # answered at once, without the batcher
+    held.release.set()
+
+    def stored() -> bool:
+        with session_scope(runtime.engine) as s:
+            return all(repo.get_verdict(s, rid) is not None for rid in ("slow-0", "slow-1", "slow-2"))
+
+    assert wait_until(stored, timeout=20)
