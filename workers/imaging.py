@@ -71,13 +71,28 @@ def _check_geometry(size: tuple[int, int], *, max_pixels: int, min_side: int) ->
             "too_small")
 
 
+def _bomb_warnings_raise() -> None:
+    """Make Pillow's DecompressionBombWarning an error in this process (once; again if something reset the
+    filters, as pytest does per test).
+
+    Not ``warnings.catch_warnings()`` around each decode: that swaps the process-wide filter list on entry
+    and puts back its saved copy on exit, so task threads decoding at the same time restore each other's
+    lists. This only ever adds one filter, and only when it is missing.
+    """
+    for action, message, category, module, _line in warnings.filters:
+        if issubclass(Image.DecompressionBombWarning, category):  # the first filter that could apply decides
+            if (action, message, category, module) == ("error", None, Image.DecompressionBombWarning, None):
+                return
+            break
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
 def _open(data: bytes, formats: list[str], max_pixels: int) -> Image.Image:
     """Image.open (header only, nothing decoded yet) with bombs turned into InvalidImage."""
     Image.MAX_IMAGE_PIXELS = max_pixels
+    _bomb_warnings_raise()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=formats)
+        return Image.open(io.BytesIO(data), formats=formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"decompression bomb: {exc}", "decompression_bomb") from None
     except UnidentifiedImageError:
@@ -91,9 +106,7 @@ def _open(data: bytes, formats: list[str], max_pixels: int) -> Image.Image:
 def _load(im: Image.Image) -> None:
     """Decode the pixel data, mapping every failure to InvalidImage."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
+        im.load()  # a DecompressionBombWarning raises: _open made it an error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"decompression bomb: {exc}", "decompression_bomb") from None
     except EOFError:

@@ -301,3 +301,40 @@ def test_path_reference_reads_files_inside_allowed_roots(tmp_path):
     with pytest.raises(InvalidImage) as info:
         resolve_image_ref({"path": str(inside / "a.png")}, max_bytes=2)
     assert info.value.code == "too_many_bytes"
+
+
+def test_bomb_warnings_stay_errors_and_concurrent_decodes_leave_the_warning_filters_alone():
+    """Pillow warns (not raises) for pixel counts between its limit and twice it; decoding makes that warning
+    an error once, even after the process asked to ignore all warnings, and threads decoding at the same
+    time neither drop nor duplicate filters (catch_warnings per decode swapped the global list)."""
+    import threading
+    import warnings
+
+    band = _png(Image.new("RGB", (64, 48)))  # 3,072 pixels: over a 2,048 limit, under twice it
+    good = _png(Image.new("RGB", (32, 32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an application silencing every warning
+        with pytest.raises(InvalidImage) as info:
+            _decode(band, max_pixels=2048)
+        assert info.value.code == "decompression_bomb"
+        filters = list(warnings.filters)
+        errors: list[BaseException] = []
+
+        def hammer(k: int) -> None:
+            try:
+                for i in range(200):
+                    if (i + k) % 2:
+                        _assert_model_input(_decode(good, max_pixels=2048))
+                    else:
+                        with pytest.raises(InvalidImage):
+                            _decode(band, max_pixels=2048)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[:3]
+        assert warnings.filters == filters
