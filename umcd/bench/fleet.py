@@ -361,14 +361,15 @@ def _send_batches(client, ids: list[str], images: list[bytes], per_message: int,
     return sent, messages, lag * 1e3
 
 
-def _consumers(client, action: str, queue: str = "detect") -> None:
+def _consumers(client, action: str, workers: int, queue: str = "detect") -> None:
     """Stop (``cancel``) or resume (``add``) every worker's consumption of ``queue`` (Celery remote
-    control), waiting for the workers' replies."""
+    control); returns as soon as all ``workers`` replied (a broadcast otherwise collects replies for its
+    whole timeout), and raises if fewer did within 5 s."""
     control = client.app.control
     call = control.cancel_consumer if action == "cancel" else control.add_consumer
-    replies = call(queue, reply=True, timeout=5.0)
-    if not replies:
-        raise RuntimeError(f"no worker answered {action}_consumer({queue!r})")
+    replies = call(queue, reply=True, timeout=5.0, limit=workers)
+    if len(replies or []) < workers:
+        raise RuntimeError(f"{len(replies or [])} of {workers} workers answered {action}_consumer({queue!r})")
 
 
 def _verdict_stats(db_url: str, prefix: str) -> dict:
@@ -559,7 +560,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         say(f"{mode}: {plan.saturation_batch} images queued first, then consumed")
         prefix = f"{mode}-{tag}-"
         ids = [f"{prefix}{i}" for i in range(plan.saturation_batch)]
-        _consumers(client, "cancel")
+        _consumers(client, "cancel", plan.workers)
         try:
             t_send = time.perf_counter()
             sent, messages, _ = _send_batches(client, ids, _query_pngs(len(ids)), plan.batch_size, None)
@@ -567,7 +568,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             meter = CpuMeter(fleet)
             released = time.perf_counter()
         finally:
-            _consumers(client, "add")
+            _consumers(client, "add", plan.workers)
         phase = Phase(mode, "saturation", f"batch of {plan.batch_size}, queued first", None,
                       dict.fromkeys(sent, released), messages, 0.0, send_seconds)
         rows.append(_phase_row(phase, listener, client, db_url, prefix, plan.timeout_s))
