@@ -150,7 +150,7 @@ class DetectionRuntimeStep(bootsteps.StartStopStep):
         _configure_logging()
         from workers.runtime import get_runtime
 
-        get_runtime(broker_url=app.conf.broker_url)
+        get_runtime(broker_url=app.conf.broker_url, worker_process=True)
         _start_redriver(getattr(worker, "hostname", None) or "worker")
 
     def stop(self, worker):
@@ -170,7 +170,7 @@ def _start_in_child(**_):
     if not selected or any(q in selected for q in DETECT_QUEUES):
         from workers.runtime import get_runtime
 
-        get_runtime(broker_url=app.conf.broker_url)
+        get_runtime(broker_url=app.conf.broker_url, worker_process=True)
 
 
 @signals.worker_shutdown.connect

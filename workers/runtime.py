@@ -27,6 +27,7 @@ from umcd.settings import Settings, export_detector_secret
 from workers import auditwrites, metrics
 from workers.batching import MicroBatcher
 from workers.encoding import decode_for_model, encode_stored, store_image
+from workers.gcfreeze import freeze_long_lived
 from workers.imaging import InvalidImage, resolve_image_ref
 from workers.malloc import keep_freed_memory
 from workers.replica import Replica
@@ -115,8 +116,11 @@ class DetectionRuntime:
     replaces the current state in one assignment, so a batch always sees one consistent state).
     """
 
-    def __init__(self, settings: Settings, *, broker_url: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, broker_url: str | None = None, worker_process: bool = False) -> None:
         self.settings = settings
+        #: freeze the long-lived objects out of the GC's reach (workers.gcfreeze): only in a worker process,
+        #: whose heap is the runtime's (a test or a CLI embedding a runtime keeps its own GC as it is)
+        self.freeze_heap = worker_process and settings.worker_gc_freeze
         self.device = resolve_device(settings.device)
         export_detector_secret(settings)  # the random denoiser of umcd-rand* reads it from os.environ
         self.engine = make_engine(settings.db_url)
@@ -168,7 +172,12 @@ class DetectionRuntime:
             self._threads.append(thread)
         log.info("detection runtime started on %s (batches of up to %d, %.1f ms wait)", self.device,
                  self.settings.batch_max_size, self.settings.batch_max_wait_ms)
+        self._freeze_heap()
         return self
+
+    def _freeze_heap(self) -> None:
+        if self.freeze_heap:
+            log.info("%d long-lived objects frozen out of the garbage collector's full passes", freeze_long_lived())
 
     @staticmethod
     def _new_writer() -> ThreadPoolExecutor:
@@ -255,6 +264,8 @@ class DetectionRuntime:
         log.info("serving model %s with calibration %d (%s, %d codes in the replica)%s", state.version,
                  state.calibration_id, state.detector_name, len(state.replica),
                  f"; was {previous.version}/{previous.calibration_id}" if previous is not None else "")
+        previous = None  # the replaced state goes with the collection that precedes the new freeze
+        self._freeze_heap()
         return True
 
     def load_reference(self, mv: Any, cal_row: Any) -> FeatureReference | None:
@@ -655,15 +666,18 @@ _runtime: DetectionRuntime | None = None
 _runtime_lock = threading.Lock()
 
 
-def get_runtime(settings: Settings | None = None, broker_url: str | None = None) -> DetectionRuntime:
-    """This process's runtime, created and started on first use (in the worker process, never before a fork)."""
+def get_runtime(settings: Settings | None = None, broker_url: str | None = None,
+                worker_process: bool = False) -> DetectionRuntime:
+    """This process's runtime, created and started on first use (in the worker process, never before a fork).
+    ``worker_process``: the caller is a worker's start-up, whose heap the runtime may tune (``worker_gc_freeze``)."""
     global _runtime
     if _runtime is None:
         with _runtime_lock:
             if _runtime is None:
                 from umcd.settings import get_settings
 
-                _runtime = DetectionRuntime(settings or get_settings(), broker_url=broker_url).start()
+                _runtime = DetectionRuntime(settings or get_settings(), broker_url=broker_url,
+                                            worker_process=worker_process).start()
     return _runtime
 
 

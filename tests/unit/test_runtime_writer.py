@@ -164,3 +164,45 @@ def test_items_not_answered_within_the_result_timeout_get_a_timeout_and_their_ve
             return all(repo.get_verdict(s, rid) is not None for rid in ("slow-0", "slow-1", "slow-2"))
 
     assert wait_until(stored, timeout=20)
+
+
+def test_a_worker_process_freezes_its_long_lived_objects_and_a_replaced_model_is_still_freed(tmp_path, monkeypatch):
+    """UMCD_WORKER_GC_FREEZE: a worker's runtime moves what is alive after its start into the GC's permanent
+    generation; a model switch freezes again after a full collection, so the replaced model is not kept."""
+    import gc
+    import weakref
+
+    from core.checkpoint import save_untrained_checkpoint
+    from db.migrate import upgrade
+    from db.session import dispose_engine
+    from umcd.settings import Settings
+    from workers import runtime as runtime_module
+    from workers.publish import publish
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    upgrade(url)
+    settings = Settings(artifacts=tmp_path, database_url=url, broker_url="redis://unused", bits=16, device="cpu")
+    publish(save_untrained_checkpoint(tmp_path / "first.safetensors", 16, seed=0), settings=settings,
+            seed_fraction=0.5)
+    monkeypatch.setattr(runtime_module.metrics, "serve", lambda port: None)
+    assert not runtime_module.DetectionRuntime(settings).freeze_heap  # a test's or a CLI's runtime: GC untouched
+    assert not runtime_module.DetectionRuntime(settings.model_copy(update={"worker_gc_freeze": False}),
+                                               worker_process=True).freeze_heap
+    switch = __import__("sys").getswitchinterval()
+    gc.unfreeze()
+    rt = runtime_module.DetectionRuntime(settings, worker_process=True)
+    try:
+        rt.start()
+        assert gc.get_freeze_count() > 1000
+        first = rt.state.version
+        old_model = weakref.ref(rt.state.model)
+        publish(save_untrained_checkpoint(tmp_path / "second.safetensors", 16, seed=1), settings=settings,
+                seed_fraction=0.5)
+        assert rt.refresh_model() and rt.state.version != first
+        assert old_model() is None, "the replaced model is still alive"
+        assert gc.get_freeze_count() > 1000
+    finally:
+        rt.stop()
+        gc.unfreeze()
+        __import__("sys").setswitchinterval(switch)
+        dispose_engine(url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -473,6 +474,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
     from producers.sdk import Client
     from umcd.fleet import Fleet
     from umcd.settings import Settings
+    from workers.gcfreeze import freeze_long_lived
     from workers.malloc import keep_freed_memory
 
     say = progress or (lambda message: print(f"[bench fleet] {message}", file=sys.stderr, flush=True))
@@ -492,10 +494,11 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         settings = Settings(artifacts=bench_artifacts, database_url=db_url, broker_url="redis://unused")
         published, ck = _prepare_audit_store(settings, checkpoint, plan.db_codes, say)
 
-        # the baseline runs under the workers' malloc settings (without them it pays the page faults the
-        # workers no longer pay, and the ratio would flatter the fleet)
+        # the baseline runs under the workers' malloc and GC settings (without them it pays the page faults
+        # and full collections the workers no longer pay, and the ratio would flatter the fleet)
         keep_mib = Settings.model_fields["worker_malloc_keep_mib"].default  # the workers' (UMCD_* is not passed on)
         malloc_tuned = keep_freed_memory(keep_mib)
+        gc_frozen = freeze_long_lived() if Settings.model_fields["worker_gc_freeze"].default else 0
         say("in-process baseline: Detector.score_batch")
         detector, index_size = _in_process_detector(published, ck, settings)
         tensors = _digits()[1]
@@ -603,6 +606,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
 
     say("in-process baseline again (the fleet is down)")
     in_after = _in_process_rows(detector, tensors, batch_sizes, plan.in_process_seconds, thread_options)
+    gc.unfreeze()  # this process's objects are the GC's again (a test process runs this function too)
     load_end = os.getloadavg()
     in_rows = []
     for before, after in zip(in_before, in_after):
@@ -658,6 +662,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             "worker_batch_max_size": plan.batch_size, "worker_batch_max_wait_ms": Settings.model_fields["batch_max_wait_ms"].default,
             "worker_gil_switch_ms": Settings.model_fields["worker_gil_switch_ms"].default,
             "worker_malloc_keep_mib": keep_mib, "in_process_malloc_tuned": malloc_tuned,
+            "worker_gc_freeze": Settings.model_fields["worker_gc_freeze"].default, "in_process_gc_frozen_objects": gc_frozen,
             "broker": "Debian redis-server (umcd.fleet.Fleet), result backend on the same server",
             "audit_store": "SQLite in a temporary folder",
             "open_loop": {"rate_images_per_s": plan.open_rate, "seconds": plan.open_seconds,
