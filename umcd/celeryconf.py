@@ -111,6 +111,8 @@ class _RequestShown:
         self._request = request
 
     def __getattr__(self, name: str):
+        if name == "_request":  # not set (a copy made without __init__): no endless recursion
+            raise AttributeError(name)
         return getattr(self._request, name)
 
     @property

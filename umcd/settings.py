@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     worker_malloc_keep_mib: int = Field(128, ge=0, le=4096)
     #: a detection worker moves the objects alive after its start and after each model switch into Python's
     #: permanent GC generation (workers.gcfreeze), so full collections stop walking its ~300k long-lived
-    #: objects (~100 ms each with the GIL held; ~0.05 ms of CPU per image on the small CNN)
+    #: objects (~100 ms each with the GIL held; ~0.06 ms of CPU per image on the small CNN)
     worker_gc_freeze: bool = True
     replica_sync_interval_ms: float = Field(200.0, gt=0)
     model_poll_interval_s: float = Field(2.0, gt=0)

@@ -1,11 +1,12 @@
 """Keep a detection worker's long-lived objects out of Python's full garbage collections.
 
 A worker holds ~300k objects that live as long as it does (modules, Celery, SQLAlchemy, the model). Each
-full (generation 2) collection walked all of them: ~100 ms with the GIL held, nine times in a 45,000-image
-fleet benchmark, ~0.05 ms of CPU per image in all. ``gc.freeze()`` moves every object alive at that
-moment into a permanent generation that collections skip; objects freed by reference counting are still
-freed at once. Frozen objects in a reference cycle are only reclaimed after ``gc.unfreeze()``, so each
-freeze first unfreezes and collects (what a model switch left behind goes then).
+full (generation 2) collection walked all of them: ~100 ms with the GIL held, 0.86-1.0 s of CPU per worker
+over the ~15,000 images each worker scored in a shortened fleet benchmark (~0.06 ms per image).
+``gc.freeze()`` moves every object alive at that moment into a permanent generation that collections skip;
+objects freed by reference counting are still freed at once. Frozen objects in a reference cycle are only
+reclaimed after ``gc.unfreeze()``, so each freeze first unfreezes and collects: what a model switch left
+behind goes then (or, if a batch still held it at that moment, at the next switch).
 """
 
 from __future__ import annotations
