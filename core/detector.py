@@ -131,40 +131,37 @@ class DetectionBatch:
 
     def record(self, i: int) -> dict:
         """JSON-ready result of image i."""
-        valid = self.ids[i] >= 0
-        return {
-            "verdict": "adversarial" if self.fired[i].any() else "benign",
-            "fired": [n for n, f in zip(self.names, self.fired[i]) if f],
-            "scores": {**{k: float(v[i]) for k, v in self.scores.items()}, "combined": float(self.combined[i])},
-            "thresholds": dict(self.thresholds),
-            "topk": {"ids": self.ids[i][valid].tolist(), "distances": self.distances[i][valid].tolist()},
-            "code": pack_codes(self.codes[i : i + 1])[0].tobytes().hex(),
-        }
+        i = range(len(self))[i]  # negative indices count from the end; out of range raises IndexError
+        return self._records(i, i + 1)[0]
 
     def records(self) -> list[dict]:
-        """``record(i)`` of every image, equal to them, converted per batch rather than per image
-        (a worker builds one per request: this is on its batcher's path)."""
-        n = len(self)
-        if n == 0:
+        """``record(i)`` of every image, converted per batch rather than per image (a worker builds one per
+        request: this is on its batcher's path)."""
+        return self._records(0, len(self))
+
+    def _records(self, start: int, stop: int) -> list[dict]:
+        """The JSON-ready results of images ``start`` to ``stop - 1``, converted to Python values at once."""
+        if stop <= start:
             return []
-        fired = self.fired.tolist()
-        scores = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in self.scores.items()}
-        combined = np.asarray(self.combined, dtype=np.float64).tolist()
-        codes = [row.tobytes().hex() for row in pack_codes(self.codes)]
-        ids, distances = self.ids.tolist(), self.distances.tolist()
-        complete = (self.ids >= 0).all(1).tolist()
+        rows = slice(start, stop)
+        fired = self.fired[rows].tolist()
+        scores = {k: np.asarray(v[rows], dtype=np.float64).tolist() for k, v in self.scores.items()}
+        combined = np.asarray(self.combined[rows], dtype=np.float64).tolist()
+        codes = [row.tobytes().hex() for row in pack_codes(self.codes[rows])]
+        ids, distances = self.ids[rows].tolist(), self.distances[rows].tolist()
+        complete = (self.ids[rows] >= 0).all(1).tolist()
         out = []
-        for i in range(n):
-            ids_i, dist_i = ids[i], distances[i]
-            if not complete[i]:  # fewer than k codes in the index: FAISS pads with id -1
-                ids_i, dist_i = [a for a in ids_i if a >= 0], [d for a, d in zip(ids_i, dist_i) if a >= 0]
+        for j in range(stop - start):
+            ids_j, dist_j = ids[j], distances[j]
+            if not complete[j]:  # fewer than k codes in the index: FAISS pads with id -1
+                ids_j, dist_j = [a for a in ids_j if a >= 0], [d for a, d in zip(ids_j, dist_j) if a >= 0]
             out.append({
-                "verdict": "adversarial" if any(fired[i]) else "benign",
-                "fired": [name for name, f in zip(self.names, fired[i]) if f],
-                "scores": {**{k: v[i] for k, v in scores.items()}, "combined": combined[i]},
+                "verdict": "adversarial" if any(fired[j]) else "benign",
+                "fired": [name for name, f in zip(self.names, fired[j]) if f],
+                "scores": {**{k: v[j] for k, v in scores.items()}, "combined": combined[j]},
                 "thresholds": dict(self.thresholds),
-                "topk": {"ids": ids_i, "distances": dist_i},
-                "code": codes[i],
+                "topk": {"ids": ids_j, "distances": dist_j},
+                "code": codes[j],
             })
         return out
 
