@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +21,8 @@ from umcd.settings import redact_url
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: the longest a writer waiting for the SQLite write lock (:class:`SqliteWriteLock`) sleeps between tries
+WRITE_LOCK_POLL_MAX_S = 0.001
 
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
@@ -111,6 +116,78 @@ def dispose_all() -> None:
         engine.dispose()
 
 
+class SqliteWriteLock:
+    """Write transactions on one SQLite file, one at a time across this machine's threads and processes.
+
+    SQLite admits one writer at a time. A connection that finds the write lock taken is put to sleep by
+    SQLite's busy handler in growing steps (1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, then 100 ms) and
+    retried; it does not learn when the lock is freed. Two detection workers writing a batch each every
+    few milliseconds starved each other that way: in the fleet bench one worker's writer slept 1.8 s of a
+    3 s window in those steps while the other wrote, its batches queued behind it and its core idled.
+
+    Writers that hold this lock first meet SQLite's lock free, except when a writer outside it (a CLI
+    command, a migration) holds it, and then SQLite's own busy handler waits as before. The lock is an
+    exclusive ``flock`` on ``<database>.umcd-write.lock`` (taken with ``LOCK_NB`` and retried at most
+    :data:`WRITE_LOCK_POLL_MAX_S` apart, so that a wait has a deadline) behind a thread lock of this
+    process; the kernel drops a dead process's lock. A wait longer than ``timeout_s`` raises
+    ``sqlalchemy.exc.TimeoutError`` (a transient error to the workers, as SQLite's "database is locked").
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        return self._fd
+
+    @contextmanager
+    def hold(self, timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> Iterator[None]:
+        deadline = time.monotonic() + timeout_s
+        if not self._thread_lock.acquire(timeout=max(timeout_s, 0.0)):
+            raise sa_exc.TimeoutError(f"another thread held the write lock of {self.path} for {timeout_s:g} s")
+        try:
+            fd = self._file()
+            delay = 5e-5
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise sa_exc.TimeoutError(
+                            f"another process held the write lock of {self.path} for {timeout_s:g} s") from None
+                    time.sleep(delay)
+                    delay = min(2 * delay, WRITE_LOCK_POLL_MAX_S)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+_write_locks: dict[tuple[int, str], SqliteWriteLock] = {}
+
+
+def write_lock(engine: Engine) -> SqliteWriteLock | None:
+    """The :class:`SqliteWriteLock` of ``engine``'s database file for this process; ``None`` for other
+    databases (PostgreSQL queues its writers itself; an in-memory SQLite has one connection)."""
+    url = engine.url
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = str(Path(database).expanduser().resolve()) + ".umcd-write.lock"
+    key = (os.getpid(), path)  # a forked child opens its own file: a shared descriptor would share the lock
+    lock = _write_locks.get(key)
+    if lock is None:
+        with _lock:
+            lock = _write_locks.setdefault(key, SqliteWriteLock(path))
+    return lock
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """The ``sessionmaker`` bound to ``engine`` (objects stay readable after commit)."""
     maker = _sessionmakers.get(id(engine))
@@ -121,19 +198,22 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(engine: Engine | str | URL) -> Iterator[Session]:
+def session_scope(engine: Engine | str | URL, *, write: bool = False) -> Iterator[Session]:
     """A session in one transaction: committed when the block ends, rolled back if it raises.
 
-    ``engine`` may also be a URL, whose cached engine is used.
+    ``engine`` may also be a URL, whose cached engine is used. ``write``: the block writes, often (a
+    worker's verdicts); on a SQLite file it runs under the file's :class:`SqliteWriteLock`.
     """
     if not isinstance(engine, Engine):
         engine = make_engine(engine)
-    session = session_factory(engine)()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    lock = write_lock(engine) if write else None
+    with lock.hold() if lock is not None else nullcontext():
+        session = session_factory(engine)()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()

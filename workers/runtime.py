@@ -386,7 +386,7 @@ class DetectionRuntime:
             for image_id, why in failed:
                 self._straggler_failed.add(image_id)
                 log.warning("image %d cannot be re-encoded under %s: %s", image_id, state.version, why)
-            with session_scope(self.engine) as s:
+            with session_scope(self.engine, write=True) as s:
                 added = repo.add_image_codes_bulk(s, state.version, codes)
             if added:
                 log.info("re-encoded %d images inserted under an older model into %s", added, state.version)
@@ -503,7 +503,7 @@ class DetectionRuntime:
             request, reason, detector=state.detector_name if state else self.settings.detector,
             model_version=state.version if state else None, calibration_id=state.calibration_id if state else None,
         )
-        with session_scope(self.engine) as s:
+        with session_scope(self.engine, write=True) as s:
             repo.record_request(s, **request.request_fields())
             inserted = repo.write_verdict(s, **repo.verdict_fields_from_result(result))
             if not inserted:
@@ -617,7 +617,7 @@ class DetectionRuntime:
                 else:
                     queries.append(entry)
             seen.add(rid)
-        with session_scope(self.engine) as s:
+        with session_scope(self.engine, write=True) as s:
             if queries:  # queries touch no index: their rows go in one multi-row statement per table
                 auditwrites.record_requests(s, [item.request.request_fields() for item, *_ in queries])
                 verdicts = []

@@ -206,3 +206,23 @@ def test_a_worker_process_freezes_its_long_lived_objects_and_a_replaced_model_is
         gc.unfreeze()
         __import__("sys").setswitchinterval(switch)
         dispose_engine(url)
+
+
+def test_verdicts_are_written_under_the_audit_stores_write_lock(runtime, monkeypatch):
+    """A batch's verdicts (on the writer thread) and an invalid image's verdict (on the task thread) are
+    written holding the SQLite file's write lock, so two workers on one SQLite file queue for it instead
+    of sleeping in SQLite's busy handler."""
+    from db.session import SqliteWriteLock
+
+    holders: list[str] = []
+    hold = SqliteWriteLock.hold
+
+    def counted(self, *args, **kwargs):
+        holders.append(threading.current_thread().name)
+        return hold(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqliteWriteLock, "hold", counted)
+    bad = {"inline": base64.b64encode(b"not an image").decode("ascii")}
+    results = runtime.handle_many([_request("locked-ok"), _request("locked-bad")], [_png(40), bad])
+    assert results[0]["verdict"] in ("benign", "adversarial") and results[1]["verdict"] == "invalid_input"
+    assert sorted(name.startswith("umcd-writer") for name in holders) == [False, True]
