@@ -133,3 +133,25 @@ def test_results_stored_per_item_are_read_by_wait_as_results_and_errors(broker):
         published.append(message["channel"].decode())
     assert published == ["celery-task-meta-r-ok", "celery-task-meta-r-bad"]  # what AsyncResult.get() listens to
     pubsub.close()
+
+
+def test_results_stored_per_item_keep_celerys_encoding_for_nan_and_no_expiry(broker, monkeypatch):
+    """A Result that plain JSON cannot hold (a NaN score) is encoded by Celery's own serializer, in the same
+    script call as the others; a backend without an expiry stores keys without one."""
+    from workers.batchtasks import store_item_results
+
+    client, raw = broker
+    backend = client.app.backend
+    monkeypatch.setattr(backend, "expires", None)
+    odd = {"request_id": "r-nan", "kind": "query", "verdict": "benign", "scores": {"c1": float("nan")}}
+    plain = {"request_id": "r-plain", "kind": "query", "verdict": "benign", "scores": {"c1": 1.5}}
+    store_item_results(backend, [("r-nan", odd), ("r-plain", plain)])
+    nan_key, plain_key = backend.get_key_for_task("r-nan"), backend.get_key_for_task("r-plain")
+    assert raw.ttl(nan_key) == -1 and raw.ttl(plain_key) == -1  # no expiry set
+    stored = backend.decode(raw.get(nan_key))
+    assert stored["status"] == "SUCCESS" and stored["task_id"] == "r-nan"
+    assert stored["result"]["scores"]["c1"] != stored["result"]["scores"]["c1"]  # NaN came back as NaN
+    assert b"NaN" in raw.get(nan_key)
+    assert json.loads(raw.get(plain_key))["result"] == plain
+    results = client.wait(["r-nan", "r-plain"], timeout=5)
+    assert results["r-plain"].to_dict() == plain and results["r-nan"].verdict == "benign"
