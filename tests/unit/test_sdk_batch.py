@@ -155,3 +155,6 @@ def test_results_stored_per_item_keep_celerys_encoding_for_nan_and_no_expiry(bro
     assert json.loads(raw.get(plain_key))["result"] == plain
     results = client.wait(["r-nan", "r-plain"], timeout=5)
     assert results["r-plain"].to_dict() == plain and results["r-nan"].verdict == "benign"
+    raw.script_flush()  # a restarted Redis has forgotten the script: it is loaded again
+    store_item_results(backend, [("r-again", dict(plain, request_id="r-again"))])
+    assert client.wait(["r-again"], timeout=5)["r-again"].to_dict() == dict(plain, request_id="r-again")
