@@ -19,7 +19,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from db.session import create_engine_for, normalize_url
+from db.session import create_engine_for, normalize_url, sqlite_sidecar
 from umcd.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,10 @@ def current_revision(url: str | URL) -> str | None:
 
 @contextlib.contextmanager
 def _sqlite_file_lock(url: URL) -> Iterator[None]:
-    database = url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    lock_path = sqlite_sidecar(url, ".migrate-lock")
+    if lock_path is None:
         yield
         return
-    lock_path = Path(database).expanduser().resolve()
-    lock_path = lock_path.with_name(lock_path.name + ".migrate-lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -121,9 +121,10 @@ class SqliteWriteLock:
 
     SQLite admits one writer at a time. A connection that finds the write lock taken is put to sleep by
     SQLite's busy handler in growing steps (1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, then 100 ms) and
-    retried; it does not learn when the lock is freed. Two detection workers writing a batch each every
-    few milliseconds starved each other that way: in the fleet bench one worker's writer slept 1.8 s of a
-    3 s window in those steps while the other wrote, its batches queued behind it and its core idled.
+    retried; it does not learn when the lock is freed. Two detection workers each writing a batch every
+    few milliseconds meet that: in the fleet bench (``perf trace``) one worker's writer slept 107 ms in
+    those steps when both began writing at once, and 1.8 s of a 3 s window when strace slowed the
+    workers; every sleep holds up the answers of the batch waiting to be written.
 
     Writers that hold this lock first meet SQLite's lock free, except when a writer outside it (a CLI
     command, a migration) holds it, and then SQLite's own busy handler waits as before. The lock is an
@@ -172,14 +173,24 @@ class SqliteWriteLock:
 _write_locks: dict[tuple[int, str], SqliteWriteLock] = {}
 
 
+def sqlite_sidecar(url: str | URL, suffix: str) -> Path | None:
+    """``<database file><suffix>`` beside a SQLite database file (its lock files); ``None`` for other
+    databases, in-memory SQLite and ``file:`` URIs."""
+    parsed = normalize_url(url) if isinstance(url, str) else url
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).expanduser().resolve()
+    return path.with_name(path.name + suffix)
+
+
 def write_lock(engine: Engine) -> SqliteWriteLock | None:
     """The :class:`SqliteWriteLock` of ``engine``'s database file for this process; ``None`` for other
     databases (PostgreSQL queues its writers itself; an in-memory SQLite has one connection)."""
-    url = engine.url
-    database = url.database
-    if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+    sidecar = sqlite_sidecar(engine.url, ".umcd-write.lock")
+    if sidecar is None:
         return None
-    path = str(Path(database).expanduser().resolve()) + ".umcd-write.lock"
+    path = str(sidecar)
     key = (os.getpid(), path)  # a forked child opens its own file: a shared descriptor would share the lock
     lock = _write_locks.get(key)
     if lock is None:
