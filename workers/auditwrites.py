@@ -14,6 +14,7 @@ from db.models import KINDS, VERDICTS, Request, Verdict, utcnow
 
 _REQUEST_COLUMNS = tuple(c.key for c in Request.__table__.columns)
 _VERDICT_COLUMNS = tuple(c.key for c in Verdict.__table__.columns if c.key != "id")
+_VERDICT_COLUMN_SET = frozenset(_VERDICT_COLUMNS)
 
 
 def _insert(session: Session, table: Table):
@@ -62,7 +63,7 @@ def write_verdicts(session: Session, verdicts: Sequence[Mapping[str, Any]]) -> s
     rows = []
     now = utcnow()
     for fields in verdicts:
-        unknown = set(fields) - set(_VERDICT_COLUMNS)
+        unknown = fields.keys() - _VERDICT_COLUMN_SET
         if unknown:
             raise TypeError(f"unknown verdict fields: {sorted(unknown)}")
         if fields.get("verdict") not in VERDICTS or fields.get("kind") not in KINDS:
