@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -171,6 +172,8 @@ class SqliteWriteLock:
 
 
 _write_locks: dict[tuple[int, str], SqliteWriteLock] = {}
+#: engine -> (pid, its write lock or None): naming the file resolves its path (~40 us), once per engine
+_engine_write_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def sqlite_sidecar(url: str | URL, suffix: str) -> Path | None:
@@ -187,15 +190,19 @@ def sqlite_sidecar(url: str | URL, suffix: str) -> Path | None:
 def write_lock(engine: Engine) -> SqliteWriteLock | None:
     """The :class:`SqliteWriteLock` of ``engine``'s database file for this process; ``None`` for other
     databases (PostgreSQL queues its writers itself; an in-memory SQLite has one connection)."""
+    pid = os.getpid()
+    cached = _engine_write_locks.get(engine)
+    if cached is not None and cached[0] == pid:
+        return cached[1]
     sidecar = sqlite_sidecar(engine.url, ".umcd-write.lock")
-    if sidecar is None:
-        return None
-    path = str(sidecar)
-    key = (os.getpid(), path)  # a forked child opens its own file: a shared descriptor would share the lock
-    lock = _write_locks.get(key)
-    if lock is None:
-        with _lock:
-            lock = _write_locks.setdefault(key, SqliteWriteLock(path))
+    lock = None
+    if sidecar is not None:
+        key = (pid, str(sidecar))  # a forked child opens its own file: a shared descriptor would share the lock
+        lock = _write_locks.get(key)
+        if lock is None:
+            with _lock:
+                lock = _write_locks.setdefault(key, SqliteWriteLock(sidecar))
+    _engine_write_locks[engine] = (pid, lock)
     return lock
 
 

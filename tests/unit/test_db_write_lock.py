@@ -87,10 +87,10 @@ def test_a_write_scope_holds_off_the_other_threads_of_its_process(url):
     assert seen[-1] == "acquired"
 
 
-def _forked_child(url: str, parent_holds, result) -> None:
+def _forked_child(engine, parent_holds, result) -> None:
     parent_holds.wait(30)
     try:
-        with write_lock(make_engine(url)).hold(timeout_s=0.3):
+        with write_lock(engine).hold(timeout_s=0.3):  # the parent's own engine object, inherited
             result.put("acquired")
     except sqlalchemy.exc.TimeoutError:
         result.put("timeout")
@@ -99,12 +99,13 @@ def _forked_child(url: str, parent_holds, result) -> None:
 def test_a_forked_child_opens_its_own_lock_file(url):
     """A child forked after the parent used the lock must not share the parent's descriptor: ``flock``
     belongs to the open file, so a shared one would let both hold the lock at once."""
-    lock = write_lock(make_engine(url))
+    engine = make_engine(url)
+    lock = write_lock(engine)
     with lock.hold():
         pass  # the parent's descriptor is open now
     ctx = multiprocessing.get_context("fork")
     parent_holds, result = ctx.Event(), ctx.Queue()
-    child = ctx.Process(target=_forked_child, args=(url, parent_holds, result))
+    child = ctx.Process(target=_forked_child, args=(engine, parent_holds, result))
     child.start()
     try:
         with lock.hold():
