@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ BATCH_TASKS = {"umcd.detect": ("umcd.detect_batch", "detect"), "umcd.screen": ("
 DEFAULT_BATCH_SIZE = 64
 #: a batch message is closed once its inline images hold this many bytes (base64 counted)
 BATCH_MESSAGE_BYTES = 4 * 1024 * 1024
+#: the most pixel bytes one message's array holds (workers refuse arrays over workers.imaging.MAX_ARRAY_BYTES)
+ARRAY_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 
@@ -52,6 +55,31 @@ def kwargs_summary(kwargs: dict[str, Any]) -> str:
         else:
             shown[key] = value
     return repr(shown)[:1024]
+
+def pixel_array(images: Any, max_image_bytes: int) -> Any:
+    """``images`` as an ``(n, H, W, C)`` uint8 array when it is a numpy array (C 1 or 3), else None.
+
+    A numpy array must be uint8 of shape ``(n, H, W)`` (gray) or ``(n, H, W, C)`` with C 1 or 3, at
+    least one image, each within ``max_image_bytes``: anything else raises ``ValueError`` (or
+    :class:`ImageTooLarge`) before anything is sent.
+    """
+    np = sys.modules.get("numpy")  # an ndarray can only exist once numpy was imported
+    if np is None or not isinstance(images, np.ndarray):
+        return None
+    if images.dtype != np.uint8:
+        raise ValueError(f"a pixel array must be uint8 (0..255), not {images.dtype}: convert it first, "
+                         "e.g. (x * 255).round().clip(0, 255).astype(numpy.uint8) for floats in [0, 1]")
+    array = images[..., None] if images.ndim == 3 else images
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"a pixel array must have shape (n, H, W) or (n, H, W, C) with C 1 or 3, "
+                         f"not {tuple(images.shape)}")
+    if len(array) == 0 or 0 in array.shape[1:3]:
+        raise ValueError(f"a pixel array of shape {tuple(images.shape)} holds no image")
+    per_image = int(np.prod(array.shape[1:]))
+    if per_image > max_image_bytes:
+        raise ImageTooLarge(f"images of {per_image} bytes exceed the limit of {max_image_bytes} bytes")
+    return array
+
 
 class ImageTooLarge(ValueError):
     """The image has more bytes than ``settings.max_image_bytes``."""
@@ -220,6 +248,11 @@ class Client:
         ``on_sent(index, request_id)`` is called after each image is sent (for progress bars). With
         ``batch``, images travel ``batch_size`` to a message (``umcd.detect_batch``): far less broker
         and worker overhead per image, the same Result per request id, read with :meth:`wait`.
+
+        ``images`` may also be a numpy array of decoded pixels, uint8 of shape ``(n, H, W)`` or
+        ``(n, H, W, C)`` (C 1 or 3): it always travels in batch messages, each message's pixels stored
+        once in Redis, with no image file to encode or decode (the scores are those of a PNG of the
+        same pixels).
         """
         return self._submit_many("umcd.detect", images, request_ids, {"client": client}, on_sent, batch, batch_size)
 
@@ -229,7 +262,8 @@ class Client:
                        batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
         """Queue several insertion images over one broker connection; returns their request ids.
 
-        ``batch``: ``batch_size`` images to a message (``umcd.screen_batch``), as in :meth:`submit_queries`.
+        ``batch``: ``batch_size`` images to a message (``umcd.screen_batch``), and numpy pixel arrays, as in
+        :meth:`submit_queries`.
         """
         extra = self._insert_extra(source, label, client)
         return self._submit_many("umcd.screen", images, request_ids, extra, on_sent, batch, batch_size)
@@ -237,6 +271,11 @@ class Client:
     def _submit_many(self, task: str, images: Iterable[ImageInput], request_ids: Sequence[str | None] | None,
                      extra: dict[str, Any], on_sent: Callable[[int, str], None] | None, batch: bool = False,
                      batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+        if not 1 <= int(batch_size) <= 1024:
+            raise ValueError(f"batch_size must be in 1..1024, got {batch_size}")
+        pixels = pixel_array(images, self.settings.max_image_bytes)
+        if pixels is not None:
+            images = [None] * len(pixels)  # the checks of the ids below, then the array's own path
         images = list(images)
         ids = list(request_ids) if request_ids is not None else [None] * len(images)
         if len(ids) != len(images):
@@ -244,9 +283,9 @@ class Client:
         for rid in ids:  # refuse a bad id before anything is sent
             if rid is not None:
                 validate_request_id(rid)
+        if pixels is not None:
+            return self._submit_array_batches(task, pixels, ids, extra, on_sent, int(batch_size))
         if batch:
-            if not 1 <= int(batch_size) <= 1024:
-                raise ValueError(f"batch_size must be in 1..1024, got {batch_size}")
             return self._submit_batches(task, images, ids, extra, on_sent, int(batch_size))
         sent = []
         with self.app.producer_or_acquire() as producer:
@@ -291,6 +330,48 @@ class Client:
                     flush(producer)
             flush(producer)
         return sent
+
+    def _submit_array_batches(self, task: str, pixels: Any, ids: list[str | None], extra: dict[str, Any],
+                              on_sent: Callable[[int, str], None] | None, batch_size: int) -> list[str]:
+        """Send a pixel array as ``umcd.*_batch`` messages of up to ``batch_size`` images: each message's
+        images are stored once in Redis as an ``.npy`` file (``umcd:img:<message id>``, with the image
+        TTL) and its items point into it (``{"array": {"redis_key", "index"}}``); the worker deletes the
+        array once every item has its Result. Returns the request ids in order."""
+        import io
+
+        import numpy as np
+        import redis
+
+        batch_task, queue = BATCH_TASKS[task]
+        per_image = int(np.prod(pixels.shape[1:]))
+        step = max(1, min(batch_size, ARRAY_MESSAGE_BYTES // per_image))
+        rids = [self._request_id(rid) for rid in ids]
+        with self.app.producer_or_acquire() as producer:
+            for start in range(0, len(rids), step):
+                chunk = rids[start : start + step]
+                message_id = new_request_id()
+                key = f"{IMAGE_KEY_PREFIX}{message_id}"
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(pixels[start : start + step]), allow_pickle=False)
+                try:
+                    self.redis.set(key, buf.getvalue(), ex=self.settings.image_ref_ttl_s)
+                except redis.RedisError as exc:
+                    raise BrokerUnavailable(f"could not store the pixel array in Redis: {exc}") from exc
+                items = [{"request_id": rid, "image": {"array": {"redis_key": key, "index": j}}}
+                         for j, rid in enumerate(chunk)]
+                try:
+                    self._send(batch_task, {"items": items, "submitted_at": time.time(), **extra}, message_id,
+                               producer, queue=queue)
+                except BrokerUnavailable:
+                    try:  # nothing will read it
+                        self.redis.unlink(key)
+                    except redis.RedisError:
+                        pass
+                    raise
+                if on_sent is not None:
+                    for offset, rid in enumerate(chunk):
+                        on_sent(start + offset, rid)
+        return rids
 
     # ------------------------------------------------------------------ results
 

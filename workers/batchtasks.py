@@ -97,6 +97,35 @@ def store_item_results(backend: Any, entries: list[tuple[str, dict | BaseExcepti
     _store_script(client)(keys=keys, args=[int(expires) if expires else 0, *values], client=client)
 
 
+def release_arrays(runtime: Any, items: list[dict]) -> int:
+    """Delete the pixel arrays in Redis that ``items`` (a message whose every item now has its Result) read.
+
+    A pixel array belongs to the one message that references it (the SDK stores one per message), so once
+    the message is answered nobody reads it again: a redelivery answers from the audit store. Without
+    this, each array would sit in Redis for its whole TTL (``image_ref_ttl_s``). Returns how many keys
+    were deleted; a failure is logged and left to the TTL.
+    """
+    from workers.imaging import REDIS_KEY_PREFIX, InvalidImage, array_ref_source
+
+    keys = set()
+    for item in items:
+        try:
+            spot = array_ref_source(item.get("image"))
+        except InvalidImage:
+            continue
+        if spot is not None and spot[0] == "redis_key" and spot[1].startswith(REDIS_KEY_PREFIX) and len(spot[1]) <= 128:
+            keys.add(spot[1])  # only the keys the worker would read: a crafted reference deletes nothing else
+    client = runtime.redis if keys else None
+    if client is None:
+        return 0
+    try:
+        return int(client.unlink(*sorted(keys)))
+    except Exception as exc:  # noqa: BLE001 - Redis went away: the keys expire on their own
+        log.warning("could not delete %d pixel arrays (%s: %s); they expire with their TTL", len(keys),
+                    type(exc).__name__, exc)
+        return 0
+
+
 def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted_at: Any,
                  source: str | None = None, label: Any = None) -> dict:
     """The work of ``umcd.detect_batch`` / ``umcd.screen_batch`` on a detection worker.
@@ -176,6 +205,8 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
         raise task.retry(countdown=backoff_s(retries), max_retries=TRANSIENT_MAX_RETRIES, exc=exc) from None
     finally:
         metrics.add_cpu("answer", time.thread_time() - cpu)
+    if not again:
+        release_arrays(runtime, good)
     summary = {
         "items": len(items), "stored": len(done),
         "verdicts": dict(Counter(o["verdict"] for _, o in done if isinstance(o, dict))),

@@ -303,6 +303,9 @@ def resolve_image_ref(
     if not isinstance(ref, dict):
         raise InvalidImage(f"bad image reference: expected an object, got {type(ref).__name__}", "bad_reference")
     kinds = [k for k in ("inline", "redis_key", "path") if k in ref]
+    if ARRAY_REF in ref:
+        raise InvalidImage("bad image reference: an 'array' reference is read only in a batch message "
+                           "(umcd.detect_batch, umcd.screen_batch)", "bad_reference")
     if len(kinds) != 1:
         raise InvalidImage(
             "bad image reference: need exactly one of 'inline', 'redis_key', 'path' "
@@ -313,6 +316,10 @@ def resolve_image_ref(
         return _decode_base64(value, max_bytes)
     if kind == "path":
         return _read_path(value, allowed_roots, max_bytes)
+    return _read_redis_key(value, redis_client, max_bytes)
+
+
+def _read_redis_key(value: Any, redis_client: Any, max_bytes: int | None) -> bytes:
     if not isinstance(value, str) or not value.startswith(REDIS_KEY_PREFIX) or len(value) > 128:
         raise InvalidImage(
             f"bad image reference: 'redis_key' must be a string starting with {REDIS_KEY_PREFIX!r}",
@@ -331,3 +338,108 @@ def resolve_image_ref(
             f"image too large: {_human_bytes(len(data))} exceeds the limit of {_human_bytes(max_bytes)}",
             "too_many_bytes")
     return bytes(data)
+
+
+# --------------------------------------------------------------------------- pixel arrays
+
+#: the ImageRef kind of an image inside a pixel array: ``{"array": {"redis_key" | "path": ..., "index": i}}``
+ARRAY_REF = "array"
+#: the most bytes one pixel array (an ``.npy`` file of a batch message's images) may hold; the SDK splits
+#: its messages below this (producers/sdk.py ARRAY_MESSAGE_BYTES, a contract)
+MAX_ARRAY_BYTES = 64 * 1024 * 1024
+
+
+def array_ref_source(ref: Any) -> tuple[str, str, int] | None:
+    """``(kind, key or path, index)`` of an ``{"array": {...}}`` ImageRef; None for any other ImageRef.
+
+    Raises :class:`InvalidImage` (``bad_reference``) for a malformed array reference.
+    """
+    if not isinstance(ref, dict) or ARRAY_REF not in ref:
+        return None
+    spec = ref[ARRAY_REF]
+    if len(ref) != 1 or not isinstance(spec, dict):
+        raise InvalidImage("bad image reference: 'array' must be the only key and hold an object", "bad_reference")
+    kinds = [k for k in ("redis_key", "path") if k in spec]
+    index = spec.get("index")
+    if len(kinds) != 1 or not isinstance(spec[kinds[0]], str):
+        raise InvalidImage("bad image reference: an 'array' needs exactly one of 'redis_key', 'path' (a string)",
+                           "bad_reference")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise InvalidImage("bad image reference: an 'array' needs an 'index', a non-negative integer",
+                           "bad_reference")
+    return kinds[0], spec[kinds[0]], index
+
+
+def read_array_source(kind: str, value: str, redis_client: Any = None, *,
+                      allowed_roots: Sequence[Path | str] | None = None) -> bytes:
+    """The bytes of a pixel array's ``.npy`` file, from the broker's Redis or a path (as ImageRefs are read)."""
+    if kind == "path":
+        return _read_path(value, allowed_roots, MAX_ARRAY_BYTES)
+    return _read_redis_key(value, redis_client, MAX_ARRAY_BYTES)
+
+
+def load_pixel_array(blob: bytes, *, max_bytes: int, max_pixels: int, min_side: int) -> np.ndarray:
+    """An ``.npy`` file of 8-bit images -> ``(n, H, W, C)`` uint8 with C 1 (gray) or 3 (RGB), read in place.
+
+    The file must hold a uint8 array of shape ``(n, H, W)`` or ``(n, H, W, C)``. Only its header is
+    parsed (numpy's ``read_array_header``; no pickle is ever loaded) and checked before the pixels are
+    viewed: the data must have exactly the bytes the shape says, and each image is held to the limits
+    of an image file (``H * W <= max_pixels``, both sides at least ``min_side``, ``H * W * C <=
+    max_bytes``). Anything else raises :class:`InvalidImage` with the reason.
+    """
+    from numpy.lib import format as npy
+
+    fh = io.BytesIO(blob)
+    try:
+        version = npy.read_magic(fh)
+        read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version} is not read here (1.0 and 2.0 are)")
+        shape, fortran_order, dtype = read_header(fh)
+    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, EOFError, SyntaxError, ... for bad headers
+        raise InvalidImage(f"bad pixel array: not a readable .npy file ({type(exc).__name__}: {exc})",
+                           "not_an_image") from None
+    if dtype != np.uint8:
+        raise InvalidImage(f"pixel array of {dtype}: only uint8 (0..255) pixels are accepted", "unsupported_mode")
+    if len(shape) == 3:
+        shape = (*shape, 1)
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise InvalidImage(f"pixel array of shape {tuple(shape)}: expected (n, H, W) or (n, H, W, C) "
+                           "with C 1 (gray) or 3 (RGB)", "unsupported_mode")
+    n, height, width, channels = shape
+    _check_geometry((width, height), max_pixels=max_pixels, min_side=min_side)
+    if height * width * channels > max_bytes:
+        raise InvalidImage(f"image too large: {height}x{width}x{channels} pixels hold "
+                           f"{_human_bytes(height * width * channels)}, over the limit of {_human_bytes(max_bytes)}",
+                           "too_many_bytes")
+    count = n * height * width * channels
+    if len(blob) - fh.tell() != count:
+        raise InvalidImage(f"bad pixel array: its header says {n} images of {height}x{width}x{channels} "
+                           f"({count} bytes) but {len(blob) - fh.tell()} bytes follow", "truncated")
+    array = np.frombuffer(blob, dtype=np.uint8, count=count, offset=fh.tell())
+    if fortran_order:
+        return array.reshape(shape[::-1]).transpose()
+    return array.reshape(shape)
+
+
+def pixels_to_model(images: np.ndarray, size: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """``(k, H, W, C)`` uint8 (C 1 or 3) -> ``(k, 3, size[1], size[0])`` float32 in [0, 1].
+
+    The same numbers :func:`decode_image` gives for an image file of those pixels: gray is
+    repeated into RGB, other sizes are resized with the same Lanczos filter, then divided by 255.
+    """
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[1:3] != (size[1], size[0]):
+        images = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(size, RESAMPLE, reducing_gap=3.0))
+                           for im in images])
+    chw = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(chw)
+
+
+def pixels_png(image: np.ndarray) -> bytes:
+    """One ``(H, W, C)`` uint8 image (C 1 or 3) as PNG bytes: lossless, so decoding it gives the same pixels."""
+    plane = image[..., 0] if image.shape[-1] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(plane)).save(buf, format="PNG")  # uint8: L or RGB
+    return buf.getvalue()

@@ -28,7 +28,8 @@ from workers import auditwrites, metrics
 from workers.batching import MicroBatcher
 from workers.encoding import decode_for_model, encode_stored, store_image
 from workers.gcfreeze import freeze_long_lived
-from workers.imaging import InvalidImage, resolve_image_ref
+from workers.imaging import (InvalidImage, array_ref_source, load_pixel_array, pixels_png, pixels_to_model,
+                             read_array_source, resolve_image_ref)
 from workers.malloc import keep_freed_memory
 from workers.replica import Replica
 from workers.results import ScreenRequest, detection_result, invalid_result, result_from_verdict
@@ -91,7 +92,8 @@ class BatchItem:
 
     request: ScreenRequest
     image: np.ndarray
-    data: bytes  # the original bytes (stored for insertions, for re-encoding at the next publish)
+    data: bytes  # the original bytes (stored for insertions, for re-encoding at the next publish); b"" for a
+    # query from a pixel array, a PNG of its pixels for an insertion from one
 
 
 def load_calibration(row: Any) -> Calibration:
@@ -454,20 +456,24 @@ class DetectionRuntime:
         state = self._state
         size = state.image_size if state is not None else DEFAULT_IMAGE_SIZE
         decoded: list[tuple[int, BatchItem]] = []
+        in_arrays: dict[tuple[str, str], list[tuple[int, int]]] = {}  # array source -> [(item, index)]
         cpu = time.thread_time()
         for i, (request, ref) in enumerate(zip(requests, image_refs)):
             try:
+                spot = array_ref_source(ref)
+                if spot is not None:
+                    in_arrays.setdefault(spot[:2], []).append((i, spot[2]))
+                    continue
                 data = resolve_image_ref(ref, self.redis, allowed_roots=self.settings.image_roots,
                                          max_bytes=self.settings.max_image_bytes)
                 request.image_bytes = len(data)
                 decoded.append((i, BatchItem(request, decode_for_model(data, self.settings, size), data)))
             except InvalidImage as exc:
-                try:
-                    outcomes[i] = self.answer_invalid(request, exc.reason)
-                except Exception as store_exc:  # noqa: BLE001 - this request fails alone
-                    outcomes[i] = store_exc
+                outcomes[i] = self._invalid_outcome(request, exc)
             except Exception as exc:  # noqa: BLE001 - e.g. Redis down while reading a redis_key image
                 outcomes[i] = exc
+        for source, spots in in_arrays.items():
+            self._decode_array(source, spots, requests, size, decoded, outcomes)
         metrics.add_cpu("decode", time.thread_time() - cpu)  # with the audit rows of invalid images, if any
         if decoded and state is None:
             try:
@@ -495,6 +501,49 @@ class DetectionRuntime:
             except Exception as exc:  # noqa: BLE001 - the batcher failed this item alone
                 outcomes[i] = exc
         return outcomes  # type: ignore[return-value]
+
+    def _invalid_outcome(self, request: ScreenRequest, exc: InvalidImage) -> dict | BaseException:
+        """The stored ``invalid_input`` Result of ``request``, or the error that kept it from being stored."""
+        try:
+            return self.answer_invalid(request, exc.reason)
+        except Exception as store_exc:  # noqa: BLE001 - this request fails alone
+            return store_exc
+
+    def _decode_array(self, source: tuple[str, str], spots: list[tuple[int, int]], requests: list[ScreenRequest],
+                      size: int, decoded: list[tuple[int, BatchItem]],
+                      outcomes: list[dict | BaseException | None]) -> None:
+        """The images of one pixel array (``{"array": ...}`` ImageRefs): the array is read once, converted
+        in one vectorised step, and each image goes on as a BatchItem (its PNG kept only for insertions,
+        which store their bytes). A bad array answers all its items ``invalid_input``; a bad index, its own."""
+        try:
+            blob = read_array_source(*source, self.redis, allowed_roots=self.settings.image_roots)
+            pixels = load_pixel_array(blob, max_bytes=self.settings.max_image_bytes,
+                                      max_pixels=self.settings.max_image_pixels, min_side=self.settings.min_image_side)
+        except InvalidImage as exc:
+            for i, _ in spots:
+                outcomes[i] = self._invalid_outcome(requests[i], exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. Redis down: the items are retried
+            for i, _ in spots:
+                outcomes[i] = exc
+            return
+        good: list[tuple[int, int]] = []
+        for i, index in spots:
+            if index < len(pixels):
+                good.append((i, index))
+            else:
+                outcomes[i] = self._invalid_outcome(requests[i], InvalidImage(
+                    f"bad image reference: index {index} of a pixel array of {len(pixels)} images",
+                    "bad_reference"))
+        if not good:
+            return
+        images = pixels_to_model(pixels[[index for _, index in good]], (size, size))
+        image_bytes = int(np.prod(pixels.shape[1:]))
+        for (i, index), image in zip(good, images):
+            request = requests[i]
+            request.image_bytes = image_bytes
+            data = pixels_png(pixels[index]) if request.kind == "insert" else b""
+            decoded.append((i, BatchItem(request, image, data)))
 
     def answer_invalid(self, request: ScreenRequest, reason: str) -> dict:
         """Store and return the ``invalid_input`` verdict of a request."""

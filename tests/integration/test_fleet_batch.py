@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -230,3 +231,95 @@ def test_a_request_id_twice_in_one_batch_gets_one_verdict_row_and_answers_with_i
     (row,) = fleet.rows([rid])[rid]
     stored = fleet.client.result(rid)
     assert stored.verdict == row["verdict"] and stored.scores["c1"] == pytest.approx(row["c1"])
+
+
+def _pixels(pngs: list[bytes]) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs])
+
+
+def _array_keys_left(fleet, keys: set[str], timeout: float = 15.0) -> set[str]:
+    """Which of ``keys`` are still in Redis once the worker had ``timeout`` s to delete them."""
+    import redis as redis_lib
+
+    raw = redis_lib.Redis.from_url(fleet.settings.broker_url)
+    deadline = time.monotonic() + timeout
+    while (left := {k for k in keys if raw.exists(k)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_a_pixel_array_scores_as_the_pngs_of_its_pixels_and_is_deleted_once_answered(fleet, digit_pngs):
+    pngs = list(digit_pngs[60:100])
+    png_ids = fleet.client.submit_queries(pngs, batch=True, batch_size=16)
+    array_ids = fleet.client.submit_queries(_pixels(pngs), client="arrays", batch_size=16)
+    by_png, by_array = fleet.client.wait(png_ids, timeout=90), fleet.client.wait(array_ids, timeout=90)
+    assert set(by_png) == set(png_ids) and set(by_array) == set(array_ids), fleet.logs()
+    for p, a in zip(png_ids, array_ids):
+        assert by_array[a].verdict in ("benign", "adversarial") and by_array[a].verdict == by_png[p].verdict
+        assert by_array[a].scores == pytest.approx(by_png[p].scores, rel=1e-5, abs=1e-6)
+        assert by_array[a].topk["ids"] == by_png[p].topk["ids"]
+    rows = fleet.rows(array_ids)
+    assert all(len(v) == 1 for v in rows.values())
+    from sqlalchemy import select
+
+    from db.models import Request
+    from db.session import session_scope
+
+    with session_scope(fleet.db_url) as s:
+        requests = list(s.scalars(select(Request).where(Request.request_id.in_(array_ids))))
+    assert {(r.image_ref, r.image_bytes, r.client) for r in requests} == {("array", 32 * 32 * 3, "arrays")}
+    # each message's array was deleted once its items were answered (not left for its hour of TTL)
+    import redis as redis_lib
+
+    raw = redis_lib.Redis.from_url(fleet.settings.broker_url)
+    metas = [json.loads(raw.get(k)) for k in raw.scan_iter("celery-task-meta-*")]
+    messages = {m["task_id"] for m in metas if m.get("name") == "umcd.detect_batch" and "arrays" in m["kwargs"]}
+    assert len(messages) == 3  # 40 images in messages of 16
+    assert _array_keys_left(fleet, {f"umcd:img:{m}" for m in messages}) == set()
+
+
+def test_a_missing_array_or_an_index_past_its_end_answers_invalid_input_and_the_rest_is_scored(fleet, digit_pngs):
+    import io
+
+    import redis as redis_lib
+
+    raw = redis_lib.Redis.from_url(fleet.settings.broker_url)
+    buf = io.BytesIO()
+    np.save(buf, _pixels(digit_pngs[:3]))
+    key, gone = f"umcd:img:arr-{uuid.uuid4().hex}", f"umcd:img:never-{uuid.uuid4().hex}"
+    raw.set(key, buf.getvalue(), ex=600)
+    ids = [f"arr-{uuid.uuid4().hex[:8]}-{i}" for i in range(5)]
+    refs = [{"redis_key": key, "index": 0}, {"redis_key": key, "index": 2}, {"redis_key": key, "index": 3},
+            {"redis_key": gone, "index": 0}, {"redis_key": gone, "index": 1}]
+    items = [{"request_id": rid, "image": {"array": ref}} for rid, ref in zip(ids, refs)]
+    summary = fleet.client.app.send_task("umcd.detect_batch", kwargs={"items": items, "submitted_at": time.time()},
+                                         task_id=f"batch-{uuid.uuid4().hex}", queue="detect").get(timeout=60)
+    assert summary["stored"] == 5 and summary["failed"] == 0 and summary["verdicts"].get("invalid_input") == 3
+    results = fleet.client.wait(ids, timeout=30)
+    assert [results[rid].verdict != "invalid_input" for rid in ids] == [True, True, False, False, False]
+    assert "index 3 of a pixel array of 3 images" in results[ids[2]].reasons[0]
+    assert "missing from Redis" in results[ids[3]].reasons[0]
+    assert all(len(v) == 1 for v in fleet.rows(ids).values())
+    assert _array_keys_left(fleet, {key}) == set()
+
+
+def test_insertions_from_a_pixel_array_store_a_png_of_their_pixels(fleet, digit_pngs):
+    from PIL import Image
+    from sqlalchemy import select
+
+    from db.models import DbImage
+    from db.session import session_scope
+
+    pixels = _pixels(digit_pngs[170:176])
+    ids = fleet.client.submit_inserts(pixels, source="array-insert", label=4)
+    results = fleet.client.wait(ids, timeout=90)
+    assert set(results) == set(ids), fleet.logs()
+    with session_scope(fleet.db_url) as s:
+        stored = {row.request_id: row.image_path for row in s.scalars(select(DbImage).where(DbImage.request_id.in_(ids)))}
+    assert set(stored) == set(ids)
+    for rid, image in zip(ids, pixels):  # the bytes kept for re-encoding at the next publish are these pixels
+        assert np.array_equal(np.asarray(Image.open(stored[rid]).convert("RGB")), image)

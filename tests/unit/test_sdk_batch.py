@@ -158,3 +158,44 @@ def test_results_stored_per_item_keep_celerys_encoding_for_nan_and_no_expiry(bro
     raw.script_flush()  # a restarted Redis has forgotten the script: it is loaded again
     store_item_results(backend, [("r-again", dict(plain, request_id="r-again"))])
     assert client.wait(["r-again"], timeout=5)["r-again"].to_dict() == dict(plain, request_id="r-again")
+
+
+def test_a_pixel_array_travels_as_one_npy_per_message_with_items_pointing_into_it(broker):
+    client, raw = broker
+    pixels = np.random.default_rng(3).integers(0, 256, (10, 12, 16, 3), dtype=np.uint8)
+    given = [f"px-{i}" for i in range(10)]
+    seen: list[tuple[int, str]] = []
+    ids = client.submit_queries(pixels, request_ids=given, client="arrays", batch_size=4,
+                                on_sent=lambda i, rid: seen.append((i, rid)))
+    assert ids == given and seen == list(enumerate(given))
+    messages = _queued(raw, "detect")
+    assert [m["task"] for m in messages] == ["umcd.detect_batch"] * 3
+    for m, start in zip(messages, (0, 4, 8)):
+        items = m["kwargs"]["items"]
+        key = f"umcd:img:{m['id']}"  # one array per message, named after it
+        assert [it["request_id"] for it in items] == given[start : start + 4]
+        assert [it["image"] for it in items] == [{"array": {"redis_key": key, "index": j}} for j in range(len(items))]
+        assert np.array_equal(np.load(io.BytesIO(raw.get(key)), allow_pickle=False), pixels[start : start + 4])
+        assert 0 < raw.ttl(key) <= client.settings.image_ref_ttl_s
+        assert m["kwargs"]["client"] == "arrays" and "<" in m["kwargsrepr"]
+    gray = np.zeros((3, 8, 8), np.uint8)  # (n, H, W) is gray
+    client.submit_inserts(gray, source="cam", label=1)
+    (message,) = _queued(raw, "screen")
+    assert message["task"] == "umcd.screen_batch" and message["kwargs"]["label"] == 1
+    assert np.load(io.BytesIO(raw.get(f"umcd:img:{message['id']}"))).shape == (3, 8, 8, 1)
+
+
+@pytest.mark.parametrize("pixels, error, words", [
+    (np.zeros((2, 8, 8, 3), np.float32), ValueError, "must be uint8"),
+    (np.zeros((2, 8, 8, 4), np.uint8), ValueError, "C 1 or 3"),
+    (np.zeros((8, 8), np.uint8), ValueError, "must have shape"),
+    (np.zeros((0, 8, 8), np.uint8), ValueError, "holds no image"),
+    (np.zeros((1, 1024, 1024, 3), np.uint8), ValueError, "exceed the limit"),  # ImageTooLarge
+])
+def test_bad_pixel_arrays_are_refused_before_anything_is_sent(broker, pixels, error, words):
+    client, raw = broker
+    with pytest.raises(error, match=words):
+        client.submit_queries(pixels)
+    with pytest.raises(ValueError, match="2 images but 1 request ids"):
+        client.submit_queries(np.zeros((2, 8, 8), np.uint8), request_ids=["one"])
+    assert raw.dbsize() == 0
