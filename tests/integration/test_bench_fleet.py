@@ -16,7 +16,7 @@ pytestmark = [
 
 ROW_KEYS = {"mode", "images", "images_per_s", "p50_ms", "p95_ms", "p99_ms"}
 MODES = ["in_process_batch1", "in_process_batch16", "fleet_single_open_loop", "fleet_batch_open_loop",
-         "fleet_single_saturation", "fleet_batch_saturation", "fleet_batch_prequeued"]
+         "fleet_single_saturation", "fleet_batch_saturation", "fleet_array_saturation", "fleet_batch_prequeued"]
 
 
 def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answered_and_stored(tmp_path):
@@ -44,9 +44,20 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
     assert rows["fleet_batch_saturation"]["mean_model_batch"] > 1
     prequeued = rows["fleet_batch_prequeued"]  # queued while the workers did not consume, then released
     assert prequeued["messages"] == rows["fleet_batch_saturation"]["messages"] and prequeued["send_seconds"] > 0
-    assert result["targets"]["batch_throughput_ratio"]["queued_first"] == prequeued["ratio_to_in_process"]
-    for mode in ("fleet_single_saturation", "fleet_batch_saturation", "fleet_batch_prequeued"):
-        assert rows[mode]["ratio_to_in_process"] == pytest.approx(
+    assert rows["fleet_array_saturation"]["messages"] == rows["fleet_batch_saturation"]["messages"]
+    assert rows["fleet_array_saturation"]["submission"].startswith("pixel array")
+    target = result["targets"]["batch_throughput_ratio"]
+    assert target["measured"] == rows["fleet_array_saturation"]["ratio_to_in_process"]
+    assert target["png_files"] == rows["fleet_batch_saturation"]["ratio_to_in_process"]
+    assert target["png_files_queued_first"] == prequeued["ratio_to_in_process"]
+    for mode in ("fleet_single_saturation", "fleet_batch_saturation", "fleet_array_saturation",
+                 "fleet_batch_prequeued"):
+        bracket = rows[mode]["in_process_bracket"]  # the in-process rate right before and after the phase
+        assert bracket["before"] > 0 and bracket["after"] > 0
+        assert bracket["fleet_cpu_seconds_during_before"]["worker"] <= 0.02  # the workers were stopped meanwhile
+        assert bracket["images_per_s"] == pytest.approx((bracket["before"] + bracket["after"]) / 2)
+        assert rows[mode]["ratio_to_in_process"] == pytest.approx(rows[mode]["images_per_s"] / bracket["images_per_s"])
+        assert rows[mode]["ratio_to_in_process_start_end"] == pytest.approx(
             rows[mode]["images_per_s"] / rows["in_process_batch16"]["images_per_s"])
     assert "ratio_to_in_process" not in rows["fleet_single_open_loop"]
     assert set(result["targets"]) == {"batch_throughput_ratio", "query_p99_ms_open_loop"}
@@ -64,8 +75,8 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         assert sum(stages.values()) == pytest.approx(cpu["cpu_seconds"]["worker"], abs=0.01)
         assert cpu["worker_stage_ms_per_image"]["score"] == pytest.approx(
             1e3 * stages["score"] / rows[mode]["images"], rel=1e-3)
-    for mode in ("fleet_batch_saturation", "fleet_batch_prequeued"):  # batch messages store their own Results
-        assert rows[mode]["cpu"]["worker_stage_cpu_seconds"]["answer"] > 0
+    for mode in ("fleet_batch_saturation", "fleet_array_saturation", "fleet_batch_prequeued"):
+        assert rows[mode]["cpu"]["worker_stage_cpu_seconds"]["answer"] > 0  # batch messages store their own Results
     memory = result["worker_memory"]
     assert memory["requests"] == sum(rows[m]["images"] for m in MODES[2:]) and len(memory["growth"]) == 2
     assert memory["steady"]["requests"] == QUICK.saturation_batch and len(memory["steady"]["growth"]) == 2

@@ -42,7 +42,7 @@ def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
     for c in cols:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+        t.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
     Console().print(t)
 
 
@@ -117,7 +117,7 @@ def fleet(out: Optional[Path] = typer.Option(None), quick: bool = False) -> None
     folder, quick = _out(out), _quick(quick)
     r = run_fleet_bench(get_settings().artifacts, folder, quick=quick)
     _print_table("fleet", r["rows"], [c for c in ("mode", "images", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
-                                                   "ratio_to_in_process") if c in r["rows"][0]])
+                                                   "ratio_to_in_process") if any(c in row for row in r["rows"])])
     mem = r.get("worker_memory")
     if mem:
         growth = ", ".join(f"{100 * g:+.2f}%" for g in mem["growth"].values())
