@@ -199,3 +199,36 @@ def test_bad_pixel_arrays_are_refused_before_anything_is_sent(broker, pixels, er
     with pytest.raises(ValueError, match="2 images but 1 request ids"):
         client.submit_queries(np.zeros((2, 8, 8), np.uint8), request_ids=["one"])
     assert raw.dbsize() == 0
+
+
+def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_one(broker, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from umcd.commands import submit
+    from umcd.settings import get_settings
+
+    client, raw = broker
+    app = typer.Typer()
+    submit.register(app)
+    for key, value in {"UMCD_BROKER_URL": client.settings.broker_url, "UMCD_RESULT_BACKEND": client.settings.broker_url,
+                       "UMCD_ARTIFACTS": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    pixels = np.random.default_rng(5).integers(0, 256, (70, 9, 9, 3), dtype=np.uint8)
+    np.save(tmp_path / "frames.npy", pixels)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["submit", "query", str(tmp_path / "frames.npy"), str(tmp_path / "objects.npy"),
+                                          "--no-wait", "--json", "--client", "cli"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1, result.output  # the object array was not sent
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    assert [r["path"] for r in rows[:70]] == [f"{tmp_path / 'frames.npy'}[{i}]" for i in range(70)]
+    assert rows[70]["path"] == str(tmp_path / "objects.npy") and "not an array of pixels" in rows[70]["error"]
+    messages = _queued(raw, "detect")  # 70 images: messages of 64 and 6, each with its array
+    assert [len(m["kwargs"]["items"]) for m in messages] == [64, 6]
+    assert [it["request_id"] for m in messages for it in m["kwargs"]["items"]] == [r["request_id"] for r in rows[:70]]
+    stored = np.concatenate([np.load(io.BytesIO(raw.get(f"umcd:img:{m['id']}"))) for m in messages])
+    assert np.array_equal(stored, pixels)

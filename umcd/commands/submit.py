@@ -17,6 +17,8 @@ submit_app = typer.Typer(
 
 #: file name suffixes picked up when a directory is given
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ico", ".ppm", ".pgm"}
+#: a file of decoded pixels: a uint8 numpy array (n, H, W) or (n, H, W, C), sent as pixel-array batch messages
+ARRAY_SUFFIX = ".npy"
 _VERDICT_STYLE = {"benign": "green", "adversarial": "bold red", "invalid_input": "yellow", "error": "red"}
 
 
@@ -29,7 +31,7 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            out.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | {ARRAY_SUFFIX}))
         else:
             out.append(path)
     return out
@@ -61,8 +63,13 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
     with Client() as client, _progress(err) as progress:
         task = progress.add_task(f"submitting to {'detect' if kind == 'query' else 'screen'}", total=len(files))
         for path in files:
-            row: dict[str, Any] = {"path": str(path), "request_id": None, "error": None, "result": None}
             try:
+                if path.suffix.lower() == ARRAY_SUFFIX:
+                    rows += _submit_array(client, kind, path, client_name, source, label)
+                    progress.advance(task)
+                    continue
+                row: dict[str, Any] = {"path": str(path), "request_id": None, "error": None, "result": None}
+                rows.append(row)
                 if kind == "query":
                     row["request_id"] = client.submit_query(path, client=client_name)
                 else:
@@ -71,9 +78,10 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
                 err.print(f"[red]broker unavailable:[/] {exc}")
                 raise typer.Exit(3) from None
             except (ImageTooLarge, OSError, ValueError) as exc:
-                row["error"] = str(exc)
+                if path.suffix.lower() == ARRAY_SUFFIX:
+                    rows.append({"path": str(path), "request_id": None, "error": None, "result": None})
+                rows[-1]["error"] = str(exc)
                 failures += 1
-            rows.append(row)
             progress.advance(task)
 
         pending = {row["request_id"]: row for row in rows if row["request_id"]}
@@ -120,9 +128,30 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
         raise typer.Exit(1)
 
 
+def _submit_array(client: Any, kind: str, path: Path, client_name: str | None, source: str | None,
+                  label: int | None) -> list[dict[str, Any]]:
+    """Send the images of an ``.npy`` file of uint8 pixels in batch messages; one row per image (``file.npy[i]``).
+
+    Raises ``ValueError`` for a file that is not such an array (pickles are never loaded)."""
+    import numpy as np
+
+    try:
+        pixels = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # e.g. an object array, which would need a pickle
+        raise ValueError(f"not an array of pixels: {exc}") from None
+    if not isinstance(pixels, np.ndarray):
+        raise ValueError("an .npz archive: give one .npy array of shape (n, H, W) or (n, H, W, C)")
+    if kind == "query":
+        ids = client.submit_queries(pixels, client=client_name)
+    else:
+        ids = client.submit_inserts(pixels, source=source, label=label, client=client_name)
+    return [{"path": f"{path}[{i}]", "request_id": rid, "error": None, "result": None} for i, rid in enumerate(ids)]
+
+
 @submit_app.command("query")
 def query(
-    paths: list[Path] = typer.Argument(..., exists=True, help="image files or directories of images"),
+    paths: list[Path] = typer.Argument(..., exists=True, help="image files, directories of images, or .npy files of "
+                                       "uint8 pixels (n, H, W[, C]) sent as pixel-array batches"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the verdicts"),
     timeout: float = typer.Option(60.0, help="seconds to wait for verdicts"),
     as_json: bool = typer.Option(False, "--json", help="print JSON on stdout instead of a table"),
@@ -134,7 +163,8 @@ def query(
 
 @submit_app.command("insert")
 def insert(
-    paths: list[Path] = typer.Argument(..., exists=True, help="image files or directories of images"),
+    paths: list[Path] = typer.Argument(..., exists=True, help="image files, directories of images, or .npy files of "
+                                       "uint8 pixels (n, H, W[, C]) sent as pixel-array batches"),
     source: Optional[str] = typer.Option(None, "--source", help="where the images come from"),
     label: Optional[int] = typer.Option(None, "--label", help="class label of the images"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the verdicts"),
