@@ -54,6 +54,9 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
                  "fleet_batch_prequeued"):
         bracket = rows[mode]["in_process_bracket"]  # the in-process rate right before and after the phase
         assert bracket["before"] > 0 and bracket["after"] > 0
+        by_threads = bracket["images_per_s_by_threads"]  # each side at the faster of the thread counts tried
+        assert set(by_threads["before"]) == set(by_threads["after"]) == set(result["settings"]["in_process_torch_threads_tried"])
+        assert (bracket["before"], bracket["after"]) == (max(by_threads["before"].values()), max(by_threads["after"].values()))
         assert bracket["fleet_cpu_seconds_during_before"]["worker"] <= 0.02  # the workers were stopped meanwhile
         assert bracket["images_per_s"] == pytest.approx((bracket["before"] + bracket["after"]) / 2)
         assert rows[mode]["ratio_to_in_process"] == pytest.approx(rows[mode]["images_per_s"] / bracket["images_per_s"])

@@ -45,12 +45,12 @@ class FleetBenchPlan:
     batch_size: int  # images per message in the saturation batch phase (the workers' model batch)
     in_process_seconds: float
     timeout_s: float
-    bracket_seconds: float  # the in-process runs right before and after each batch saturation phase
+    bracket_seconds: float  # the in-process runs (per thread count) right before and after each saturation phase
 
 
 FULL = FleetBenchPlan(db_codes=100_000, workers=2, warmup=256, open_rate=50.0, open_seconds=20.0, open_batch=5,
                       saturation_single=3_000, saturation_batch=10_000, batch_size=64, in_process_seconds=3.0,
-                      timeout_s=300.0, bracket_seconds=2.0)
+                      timeout_s=300.0, bracket_seconds=1.5)
 QUICK = FleetBenchPlan(db_codes=2_000, workers=2, warmup=16, open_rate=20.0, open_seconds=1.0, open_batch=4,
                        saturation_single=40, saturation_batch=96, batch_size=16, in_process_seconds=0.3,
                        timeout_s=120.0, bracket_seconds=0.2)
@@ -193,10 +193,13 @@ def _workers_paused(fleet) -> Iterator[None]:
                 log.warning("could not continue worker %d", proc.pid)
 
 
-def _bracket(before: float, after: float, idle_cpu: dict) -> dict:
-    """The in-process rate measured just before and just after a saturation phase (the fleet up but idle)."""
+def _bracket(before: dict[int, float], after: dict[int, float], idle_cpu: dict) -> dict:
+    """The in-process rate measured just before and just after a saturation phase (the workers stopped), each
+    at the faster of the torch thread counts tried (one count's run can land in a slow spell of the machine)."""
     used = idle_cpu["cpu_seconds"]
-    return {"before": before, "after": after, "images_per_s": statistics.fmean([before, after]),
+    return {"before": max(before.values()), "after": max(after.values()),
+            "images_per_s": statistics.fmean([max(before.values()), max(after.values())]),
+            "images_per_s_by_threads": {"before": before, "after": after},
             # the CPU the fleet used while "before" ran (the workers' is 0 when SIGSTOP held them)
             "fleet_cpu_seconds_during_before": {k: used.get(k, 0.0) for k in ("worker", "redis")}}
 
@@ -585,11 +588,11 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         in_before = _in_process_rows(detector, tensors, batch_sizes, plan.in_process_seconds, thread_options)
         burst_batch = torch.from_numpy(np.resize(tensors, (plan.batch_size, *tensors.shape[1:])).copy())
 
-        def in_process_burst() -> float:
-            """The in-process rate right now, at the thread count that won before the fleet started, with the
-            detection workers stopped (SIGSTOP) meanwhile: idle, they still poll Redis and the audit store."""
+        def in_process_burst() -> dict[int, float]:
+            """The in-process rate right now at each torch thread count, with the detection workers stopped
+            (SIGSTOP) meanwhile: idle, they still poll Redis and the audit store."""
             with _workers_paused(fleet):
-                return _in_process_rate(detector, burst_batch, plan.bracket_seconds, in_before[-1]["threads"])
+                return {n: _in_process_rate(detector, burst_batch, plan.bracket_seconds, n) for n in thread_options}
 
         threads = max(1, (os.cpu_count() or 1) // plan.workers)
         env = {k: v for k, v in os.environ.items() if not k.startswith("UMCD_")}
@@ -777,9 +780,10 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             "throughput": "fleet rows: images answered / (last Result arrival - first submit); in-process rows: "
                           "images / time inside score_batch, mean of a run before the fleet started and one "
                           "after it stopped, each with the faster of the torch thread counts tried",
-            "ratio_to_in_process": f"images_per_s / the in-process batch-{plan.batch_size} rate measured for "
-                                   f"{plan.bracket_seconds:g} s right before and right after the phase (mean; "
-                                   "in_process_bracket, the fleet up but idle); ratio_to_in_process_start_end: / "
+            "ratio_to_in_process": f"images_per_s / the in-process batch-{plan.batch_size} rate measured right "
+                                   f"before and right after the phase ({plan.bracket_seconds:g} s per torch thread "
+                                   "count, the faster one; mean of the two; in_process_bracket, the workers "
+                                   "stopped by SIGSTOP meanwhile); ratio_to_in_process_start_end: / "
                                    f"in_process_batch{plan.batch_size} (before the fleet started and after it stopped)",
         },
         "targets": {
