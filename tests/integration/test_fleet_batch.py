@@ -323,3 +323,21 @@ def test_insertions_from_a_pixel_array_store_a_png_of_their_pixels(fleet, digit_
     assert set(stored) == set(ids)
     for rid, image in zip(ids, pixels):  # the bytes kept for re-encoding at the next publish are these pixels
         assert np.array_equal(np.asarray(Image.open(stored[rid]).convert("RGB")), image)
+
+
+def test_a_message_redelivered_after_its_array_was_deleted_answers_from_the_audit_store(fleet, digit_pngs):
+    ids = [f"redo-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)]
+    first = fleet.client.wait(fleet.client.submit_queries(_pixels(digit_pngs[180:184]), request_ids=ids), timeout=60)
+    assert set(first) == set(ids), fleet.logs()
+    # the same items again, their array gone (as when a worker died between deleting it and its ack)
+    items = [{"request_id": rid, "image": {"array": {"redis_key": f"umcd:img:gone-{ids[0]}", "index": j}}}
+             for j, rid in enumerate(ids)]
+    for rid in ids:
+        fleet.client.app.AsyncResult(rid).forget()
+    summary = fleet.client.app.send_task("umcd.detect_batch", kwargs={"items": items, "submitted_at": time.time()},
+                                         task_id=f"batch-{uuid.uuid4().hex}", queue="detect").get(timeout=60)
+    assert summary["stored"] == 4 and "invalid_input" not in summary["verdicts"]
+    again = fleet.client.wait(ids, timeout=30)
+    assert {rid: r.to_dict()["scores"] for rid, r in again.items()} == \
+        {rid: r.to_dict()["scores"] for rid, r in first.items()}
+    assert all(len(v) == 1 for v in fleet.rows(ids).values())
