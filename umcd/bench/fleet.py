@@ -92,8 +92,8 @@ def _digits() -> tuple[tuple[bytes, ...], np.ndarray]:
 
 def _query_pixels(n: int) -> np.ndarray:
     """``n`` digits query images as one (n, 32, 32, 3) uint8 array (the pixels of :func:`_query_pngs`)."""
-    pixels = np.round(_digits()[1] * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
-    return pixels[np.arange(n) % len(pixels)]
+    pixels = np.ascontiguousarray(np.round(_digits()[1] * 255.0).astype(np.uint8).transpose(0, 2, 3, 1))
+    return pixels[np.arange(n) % len(pixels)]  # C-contiguous, as a stacked batch of frames is
 
 
 def _query_pngs(n: int) -> list[bytes]:
