@@ -162,6 +162,7 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
         error = ValueError(f"a batch message holds at most {MAX_BATCH_ITEMS} images, got {len(good)}: "
                            "send smaller batches")
         store_item_results(task.backend, [(it["request_id"], error) for it in good])
+        release_arrays(get_runtime(broker_url=task.app.conf.broker_url), good)
         return {"items": len(items), "stored": len(good), "verdicts": {}, "failed": len(good), "retrying": 0,
                 "rejected": rejected}
 

@@ -341,3 +341,24 @@ def test_a_message_redelivered_after_its_array_was_deleted_answers_from_the_audi
     assert {rid: r.to_dict()["scores"] for rid, r in again.items()} == \
         {rid: r.to_dict()["scores"] for rid, r in first.items()}
     assert all(len(v) == 1 for v in fleet.rows(ids).values())
+
+
+def test_a_message_of_more_than_1024_images_fails_each_one_and_its_array_is_deleted(fleet, digit_pngs):
+    import io
+
+    import redis as redis_lib
+
+    raw = redis_lib.Redis.from_url(fleet.settings.broker_url)
+    buf = io.BytesIO()
+    np.save(buf, _pixels(digit_pngs[:1]))
+    key = f"umcd:img:big-{uuid.uuid4().hex}"
+    raw.set(key, buf.getvalue(), ex=600)
+    ids = [f"big-{uuid.uuid4().hex[:8]}-{i}" for i in range(1025)]
+    items = [{"request_id": rid, "image": {"array": {"redis_key": key, "index": 0}}} for rid in ids]
+    summary = fleet.client.app.send_task("umcd.detect_batch", kwargs={"items": items, "submitted_at": time.time()},
+                                         task_id=f"batch-{uuid.uuid4().hex}", queue="detect").get(timeout=60)
+    assert summary["failed"] == summary["stored"] == 1025
+    results = fleet.client.wait([ids[0], ids[-1]], timeout=30)
+    assert all(r.verdict == "error" and "at most 1024 images" in r.reasons[0] for r in results.values())
+    assert _array_keys_left(fleet, {key}) == set()
+    assert fleet.rows(ids[:5]) == {rid: [] for rid in ids[:5]}  # nothing was scored
