@@ -113,58 +113,49 @@ def _percentiles(values_ms: list[float]) -> dict[str, float | None]:
 # --------------------------------------------------------------------------- in-process baseline
 
 
+def _score_times(detector, x, seconds: float, threads: int, warmup: int = 3, min_calls: int = 5) -> list[float]:
+    """Seconds of each ``detector.score_batch(x)`` call on ``threads`` torch threads, for about ``seconds``
+    after ``warmup`` calls (at least ``min_calls`` calls); the thread count is put back after."""
+    import torch
+
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            detector.score_batch(x)
+        times: list[float] = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or len(times) < min_calls:
+            t0 = time.perf_counter()
+            detector.score_batch(x)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(default)
+    return times
+
+
 def _in_process_rows(detector, images: np.ndarray, batch_sizes: tuple[int, ...], seconds: float,
                      threads: tuple[int, ...]) -> list[dict]:
     """``Detector.score_batch`` on tensors in this process at each batch size, with each torch thread
     count in ``threads``; a row keeps the fastest count (the strongest baseline) and the others' rates."""
     import torch
 
-    default = torch.get_num_threads()
     rows = []
-    try:
-        for bs in batch_sizes:
-            x = torch.from_numpy(np.resize(images, (bs, *images.shape[1:])).copy())
-            runs = {}
-            for n in threads:
-                torch.set_num_threads(n)
-                for _ in range(3):
-                    detector.score_batch(x)
-                times = []
-                start = time.perf_counter()
-                while time.perf_counter() - start < seconds or len(times) < 5:
-                    t0 = time.perf_counter()
-                    detector.score_batch(x)
-                    times.append(time.perf_counter() - t0)
-                runs[n] = times
-            rates = {n: bs * len(t) / sum(t) for n, t in runs.items()}
-            best = max(rates, key=rates.get)
-            rows.append({"batch_size": bs, "threads": best, "images": bs * len(runs[best]),
-                         "images_per_s": rates[best], "images_per_s_by_threads": rates,
-                         "latencies_ms": [1e3 * t for t in runs[best]]})
-    finally:
-        torch.set_num_threads(default)
+    for bs in batch_sizes:
+        x = torch.from_numpy(np.resize(images, (bs, *images.shape[1:])).copy())
+        runs = {n: _score_times(detector, x, seconds, n) for n in threads}
+        rates = {n: bs * len(t) / sum(t) for n, t in runs.items()}
+        best = max(rates, key=rates.get)
+        rows.append({"batch_size": bs, "threads": best, "images": bs * len(runs[best]),
+                     "images_per_s": rates[best], "images_per_s_by_threads": rates,
+                     "latencies_ms": [1e3 * t for t in runs[best]]})
     return rows
 
 
 def _in_process_rate(detector, x, seconds: float, threads: int) -> float:
     """Images per second of ``detector.score_batch(x)`` over about ``seconds`` (after two warm-up calls)."""
-    import torch
-
-    default = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(2):
-            detector.score_batch(x)
-        calls, inside = 0, 0.0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds or calls < 3:
-            t0 = time.perf_counter()
-            detector.score_batch(x)
-            inside += time.perf_counter() - t0
-            calls += 1
-    finally:
-        torch.set_num_threads(default)
-    return len(x) * calls / inside
+    times = _score_times(detector, x, seconds, threads, warmup=2, min_calls=3)
+    return len(x) * len(times) / sum(times)
 
 
 @contextmanager
