@@ -101,3 +101,20 @@ def test_array_references_are_parsed_and_malformed_ones_refused():
         assert info.value.code == "bad_reference"
     with pytest.raises(InvalidImage, match="only in a batch message"):  # a single-image task cannot read one
         resolve_image_ref({"array": {"redis_key": "umcd:img:m1", "index": 0}})
+
+
+def test_an_array_on_a_shared_path_is_read_inside_the_allowed_roots_only(tmp_path):
+    from workers.imaging import read_array_source
+
+    inside, outside = tmp_path / "shared", tmp_path / "private"
+    inside.mkdir()
+    outside.mkdir()
+    pixels = np.random.default_rng(4).integers(0, 256, (2, 10, 10, 3), dtype=np.uint8)
+    for folder in (inside, outside):
+        np.save(folder / "a.npy", pixels)
+    blob = read_array_source("path", str(inside / "a.npy"), allowed_roots=[inside])
+    assert np.array_equal(load_pixel_array(blob, **LIMITS), pixels)
+    with pytest.raises(InvalidImage, match="outside the allowed directories"):
+        read_array_source("path", str(outside / "a.npy"), allowed_roots=[inside])
+    with pytest.raises(InvalidImage, match="not found"):
+        read_array_source("path", str(inside / "missing.npy"), allowed_roots=[inside])

@@ -217,16 +217,19 @@ def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_
     pixels = np.random.default_rng(5).integers(0, 256, (70, 9, 9, 3), dtype=np.uint8)
     np.save(tmp_path / "frames.npy", pixels)
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "frames.npy").read_bytes()[:100])
     get_settings.cache_clear()
     try:
         result = CliRunner().invoke(app, ["submit", "query", str(tmp_path / "frames.npy"), str(tmp_path / "objects.npy"),
-                                          "--no-wait", "--json", "--client", "cli"])
+                                          str(tmp_path / "cut.npy"), "--no-wait", "--json", "--client", "cli"])
     finally:
         get_settings.cache_clear()
-    assert result.exit_code == 1, result.output  # the object array was not sent
+    assert result.exit_code == 1, result.output  # the object array and the cut file were not sent
     rows = json.loads(result.stdout[result.stdout.index("["):])
     assert [r["path"] for r in rows[:70]] == [f"{tmp_path / 'frames.npy'}[{i}]" for i in range(70)]
-    assert rows[70]["path"] == str(tmp_path / "objects.npy") and "not an array of pixels" in rows[70]["error"]
+    assert [(r["path"], r["request_id"]) for r in rows[70:]] == [(str(tmp_path / "objects.npy"), None),
+                                                                 (str(tmp_path / "cut.npy"), None)]
+    assert all("not an array of pixels" in r["error"] for r in rows[70:])
     messages = _queued(raw, "detect")  # 70 images: messages of 64 and 6, each with its array
     assert [len(m["kwargs"]["items"]) for m in messages] == [64, 6]
     assert [it["request_id"] for m in messages for it in m["kwargs"]["items"]] == [r["request_id"] for r in rows[:70]]

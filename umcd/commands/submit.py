@@ -31,7 +31,8 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            out.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | {ARRAY_SUFFIX}))
+            out.extend(sorted(p for p in path.iterdir()
+                              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | {ARRAY_SUFFIX}))
         else:
             out.append(path)
     return out
@@ -137,8 +138,8 @@ def _submit_array(client: Any, kind: str, path: Path, client_name: str | None, s
 
     try:
         pixels = np.load(path, allow_pickle=False)
-    except ValueError as exc:  # e.g. an object array, which would need a pickle
-        raise ValueError(f"not an array of pixels: {exc}") from None
+    except (ValueError, EOFError) as exc:  # an object array (it would need a pickle), a cut or foreign file
+        raise ValueError(f"not an array of pixels: {type(exc).__name__}: {exc}") from None
     if not isinstance(pixels, np.ndarray):
         raise ValueError("an .npz archive: give one .npy array of shape (n, H, W) or (n, H, W, C)")
     if kind == "query":
