@@ -168,3 +168,46 @@ def test_sigkill_of_a_worker_mid_batch_three_times_loses_and_duplicates_nothing(
     finally:
         load.stopping.set()
         load.join(30)
+
+
+def test_sigkill_mid_batch_of_pixel_array_messages_loses_and_duplicates_nothing_and_frees_every_array(
+        kill_fleet, query_pngs, figures):
+    """Pixel arrays in flight when a worker dies: its messages come back with their arrays (an array goes
+    only once its message is answered), every request gets one verdict row, and no array is left behind."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    fleet = kill_fleet
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in query_pngs[:400]])
+    pixels = np.concatenate([pixels] * 4)  # 1,600 images, 25 messages of 64
+    ids = [f"chaos-array-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(pixels))]
+
+    class Sent:  # what _kill_mid_batch reads of a load
+        @staticmethod
+        def progress() -> int:
+            return len(ids)
+
+    resent_before = _resent(fleet)
+    assert fleet.client.submit_queries(pixels, request_ids=ids, client="chaos-array") == ids
+    kill = _kill_mid_batch(fleet, "w1", Sent)
+    fleet.start_worker("w1")
+    fleet.wait_ready(timeout=120)
+    wait_for_verdicts(fleet.db_url, ids, timeout=180, settle=VISIBILITY_TIMEOUT_S + 2)
+    audit = verdict_audit(fleet.db_url, ids)
+    received = Counter(m.group(1) for m in re.finditer(r"Task umcd\.detect_batch\[([0-9a-f]{32})\] received",
+                                                       fleet.all_logs()))
+    deadline = time.monotonic() + 30
+    while (left := list(fleet.client.redis.scan_iter("umcd:img:*"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    figures.update({"requests_sent": len(ids), "messages": len(ids) // 64, "kill": kill,
+                    "verdict_rows": audit["verdict_rows"], "lost": len(audit["lost"]),
+                    "duplicated": len(audit["duplicated"]), "verdicts": audit["verdicts"],
+                    "batch_messages_received_more_than_once": sum(n > 1 for n in received.values()),
+                    "resent_from_ledger": _resent(fleet) - resent_before, "arrays_left": len(left)})
+    assert not audit["lost"], f"{len(audit['lost'])} requests have no verdict row\n{fleet.logs()}"
+    assert not audit["duplicated"], audit["duplicated"][:5]
+    assert audit["verdict_rows"] == len(ids) and "invalid_input" not in audit["verdicts"]
+    assert any(n > 1 for n in received.values()), "no batch message was redelivered: the kill interrupted nothing"
+    assert left == [], f"{len(left)} pixel arrays were never deleted"
