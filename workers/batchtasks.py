@@ -105,7 +105,7 @@ def release_arrays(runtime: Any, items: list[dict]) -> int:
     this, each array would sit in Redis for its whole TTL (``image_ref_ttl_s``). Returns how many keys
     were deleted; a failure is logged and left to the TTL.
     """
-    from workers.imaging import REDIS_KEY_PREFIX, InvalidImage, array_ref_source
+    from workers.imaging import InvalidImage, array_ref_source, image_redis_key
 
     keys = set()
     for item in items:
@@ -113,7 +113,7 @@ def release_arrays(runtime: Any, items: list[dict]) -> int:
             spot = array_ref_source(item.get("image"))
         except InvalidImage:
             continue
-        if spot is not None and spot[0] == "redis_key" and spot[1].startswith(REDIS_KEY_PREFIX) and len(spot[1]) <= 128:
+        if spot is not None and spot[0] == "redis_key" and image_redis_key(spot[1]):
             keys.add(spot[1])  # only the keys the worker would read: a crafted reference deletes nothing else
     client = runtime.redis if keys else None
     if client is None:

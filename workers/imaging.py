@@ -319,8 +319,14 @@ def resolve_image_ref(
     return _read_redis_key(value, redis_client, max_bytes)
 
 
+def image_redis_key(value: Any) -> bool:
+    """Whether ``value`` is a Redis key a worker may read (and delete) for a client: ``umcd:img:...``, at
+    most 128 characters; any other key of the broker's Redis stays out of a client's reach."""
+    return isinstance(value, str) and value.startswith(REDIS_KEY_PREFIX) and len(value) <= 128
+
+
 def _read_redis_key(value: Any, redis_client: Any, max_bytes: int | None) -> bytes:
-    if not isinstance(value, str) or not value.startswith(REDIS_KEY_PREFIX) or len(value) > 128:
+    if not image_redis_key(value):
         raise InvalidImage(
             f"bad image reference: 'redis_key' must be a string starting with {REDIS_KEY_PREFIX!r}",
             "bad_reference")

@@ -235,3 +235,22 @@ def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_
     assert [it["request_id"] for m in messages for it in m["kwargs"]["items"]] == [r["request_id"] for r in rows[:70]]
     stored = np.concatenate([np.load(io.BytesIO(raw.get(f"umcd:img:{m['id']}"))) for m in messages])
     assert np.array_equal(stored, pixels)
+
+
+def test_a_finished_message_deletes_only_the_image_keys_its_items_point_to(broker):
+    from types import SimpleNamespace
+
+    from workers.batchtasks import release_arrays
+
+    _client, raw = broker
+    for key in ("umcd:img:m1", "umcd:img:m2", "celery-task-meta-m1", "umcd:img:other"):
+        raw.set(key, b"x")
+    items = [{"request_id": "a", "image": {"array": {"redis_key": "umcd:img:m1", "index": 0}}},
+             {"request_id": "b", "image": {"array": {"redis_key": "umcd:img:m1", "index": 1}}},
+             {"request_id": "c", "image": {"array": {"redis_key": "celery-task-meta-m1", "index": 0}}},  # crafted
+             {"request_id": "d", "image": {"array": {"path": "/tmp/x.npy", "index": 0}}},
+             {"request_id": "e", "image": {"inline": "AAAA"}},
+             {"request_id": "f", "image": {"array": {"redis_key": "umcd:img:m2"}}},  # malformed: no index
+             {"request_id": "g", "image": {"array": {"redis_key": "umcd:img:m2", "index": 0}}}]
+    assert release_arrays(SimpleNamespace(redis=raw), items) == 2
+    assert sorted(k.decode() for k in raw.scan_iter("*")) == ["celery-task-meta-m1", "umcd:img:other"]
