@@ -178,10 +178,11 @@ def test_sigkill_mid_batch_of_pixel_array_messages_loses_and_duplicates_nothing_
 
     import numpy as np
     from PIL import Image
+    from producers.sdk import DEFAULT_BATCH_SIZE
 
     fleet = kill_fleet
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in query_pngs[:400]])
-    pixels = np.concatenate([pixels] * 4)  # 1,600 images, 25 messages of 64
+    pixels = np.concatenate([pixels] * 4)  # 1,600 images: 7 messages of up to 256 (the SDK's default)
     ids = [f"chaos-array-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(pixels))]
 
     class Sent:  # what _kill_mid_batch reads of a load
@@ -201,7 +202,7 @@ def test_sigkill_mid_batch_of_pixel_array_messages_loses_and_duplicates_nothing_
     deadline = time.monotonic() + 30
     while (left := list(fleet.client.redis.scan_iter("umcd:img:*"))) and time.monotonic() < deadline:
         time.sleep(0.2)
-    figures.update({"requests_sent": len(ids), "messages": len(ids) // 64, "kill": kill,
+    figures.update({"requests_sent": len(ids), "messages": -(-len(ids) // DEFAULT_BATCH_SIZE), "kill": kill,
                     "verdict_rows": audit["verdict_rows"], "lost": len(audit["lost"]),
                     "duplicated": len(audit["duplicated"]), "verdicts": audit["verdicts"],
                     "batch_messages_received_more_than_once": sum(n > 1 for n in received.values()),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from db.repo import as_datetime
+from producers.sdk import DEFAULT_BATCH_SIZE
 from tests.fleet_helpers import FleetRun, verdict_audit, wait_for_verdicts
 
 pytestmark = [pytest.mark.load, pytest.mark.integration, pytest.mark.timeout(420)]
@@ -17,7 +18,7 @@ N_REQUESTS = 10_000
 #: every 10th request is an insertion; the others are queries
 INSERT_EVERY = 10
 PRODUCER_THREADS = 2
-#: the fleet's fastest path: 64 images per message (umcd.detect_batch / umcd.screen_batch), each image
+#: the fleet's fastest path: the SDK's batch messages (umcd.detect_batch / umcd.screen_batch), each image
 #: still its own request id, verdict row and Result; one image per message runs ~3x slower here
 BATCH = True
 
@@ -91,7 +92,7 @@ def test_10000_requests_at_full_speed_end_with_10000_verdict_rows_and_no_error(
             "latency_total_ms": _percentiles(r["latency_total_ms"] for r in flat),
             "latency_queue_ms": _percentiles(r["latency_queue_ms"] for r in flat),
             "latency_in_worker_ms": _percentiles(r["latency_total_ms"] - r["latency_queue_ms"] for r in flat),
-            "submission": "batch messages of 64 images" if BATCH else "one image per message",
+            "submission": f"batch messages of up to {DEFAULT_BATCH_SIZE} images" if BATCH else "one image per message",
             "latency_model_ms_per_batch": _percentiles(r["latency_model_ms"] for r in flat),
             "batch_size": {"mean": round(float(sizes.mean()), 1), "max": int(sizes.max())},
             "served_by": {w: int(sum(1 for r in flat if r["worker"].startswith(w + "@"))) for w in fleet.workers},

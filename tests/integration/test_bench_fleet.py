@@ -16,7 +16,8 @@ pytestmark = [
 
 ROW_KEYS = {"mode", "images", "images_per_s", "p50_ms", "p95_ms", "p99_ms"}
 MODES = ["in_process_batch1", "in_process_batch16", "fleet_single_open_loop", "fleet_batch_open_loop",
-         "fleet_single_saturation", "fleet_batch_saturation", "fleet_array_saturation", "fleet_batch_prequeued"]
+         "fleet_single_saturation", "fleet_batch_saturation", "fleet_array_saturation",
+         "fleet_array_saturation_small_messages", "fleet_batch_prequeued"]
 
 
 def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answered_and_stored(tmp_path):
@@ -40,18 +41,23 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         assert row["errors"] == 0 and row["latency_missing"] == 0
         assert set(row["verdicts"]) <= {"benign", "adversarial"}
     assert rows["fleet_single_saturation"]["messages"] == QUICK.saturation_single
-    assert rows["fleet_batch_saturation"]["messages"] == -(-QUICK.saturation_batch // QUICK.batch_size)
+    assert QUICK.message_size > QUICK.batch_size  # a message spans several model batches
+    assert rows["fleet_batch_saturation"]["messages"] == -(-QUICK.saturation_batch // QUICK.message_size)
     assert rows["fleet_batch_saturation"]["mean_model_batch"] > 1
     prequeued = rows["fleet_batch_prequeued"]  # queued while the workers did not consume, then released
     assert prequeued["messages"] == rows["fleet_batch_saturation"]["messages"] and prequeued["send_seconds"] > 0
     assert rows["fleet_array_saturation"]["messages"] == rows["fleet_batch_saturation"]["messages"]
     assert rows["fleet_array_saturation"]["submission"].startswith("pixel array")
+    small = rows["fleet_array_saturation_small_messages"]  # the same array, one model batch per message
+    assert small["messages"] == -(-QUICK.saturation_batch // QUICK.batch_size) and small["submission"].startswith("pixel")
     target = result["targets"]["batch_throughput_ratio"]
     assert target["measured"] == rows["fleet_array_saturation"]["ratio_to_in_process"]
     assert target["png_files"] == rows["fleet_batch_saturation"]["ratio_to_in_process"]
     assert target["png_files_queued_first"] == prequeued["ratio_to_in_process"]
+    assert target["pixel_arrays_in_messages_of_one_model_batch"] == small["ratio_to_in_process"]
+    assert target["images_per_message"] == QUICK.message_size
     for mode in ("fleet_single_saturation", "fleet_batch_saturation", "fleet_array_saturation",
-                 "fleet_batch_prequeued"):
+                 "fleet_array_saturation_small_messages", "fleet_batch_prequeued"):
         bracket = rows[mode]["in_process_bracket"]  # the in-process rate right before and after the phase
         assert bracket["before"] > 0 and bracket["after"] > 0
         by_threads = bracket["images_per_s_by_threads"]  # each side at the faster of the thread counts tried

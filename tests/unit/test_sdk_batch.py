@@ -11,7 +11,7 @@ import pytest
 import redis
 from PIL import Image
 
-from producers.sdk import BATCH_MESSAGE_BYTES, Client
+from producers.sdk import BATCH_MESSAGE_BYTES, DEFAULT_BATCH_SIZE, Client
 from umcd.settings import Settings
 
 BATCH_DB = 11
@@ -214,7 +214,7 @@ def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_
     for key, value in {"UMCD_BROKER_URL": client.settings.broker_url, "UMCD_RESULT_BACKEND": client.settings.broker_url,
                        "UMCD_ARTIFACTS": str(tmp_path)}.items():
         monkeypatch.setenv(key, value)
-    pixels = np.random.default_rng(5).integers(0, 256, (70, 9, 9, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(5).integers(0, 256, (300, 9, 9, 3), dtype=np.uint8)
     np.save(tmp_path / "frames.npy", pixels)
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "cut.npy").write_bytes((tmp_path / "frames.npy").read_bytes()[:100])
@@ -226,13 +226,13 @@ def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_
         get_settings.cache_clear()
     assert result.exit_code == 1, result.output  # the object array and the cut file were not sent
     rows = json.loads(result.stdout[result.stdout.index("["):])
-    assert [r["path"] for r in rows[:70]] == [f"{tmp_path / 'frames.npy'}[{i}]" for i in range(70)]
-    assert [(r["path"], r["request_id"]) for r in rows[70:]] == [(str(tmp_path / "objects.npy"), None),
+    assert [r["path"] for r in rows[:300]] == [f"{tmp_path / 'frames.npy'}[{i}]" for i in range(300)]
+    assert [(r["path"], r["request_id"]) for r in rows[300:]] == [(str(tmp_path / "objects.npy"), None),
                                                                  (str(tmp_path / "cut.npy"), None)]
-    assert all("not an array of pixels" in r["error"] for r in rows[70:])
-    messages = _queued(raw, "detect")  # 70 images: messages of 64 and 6, each with its array
-    assert [len(m["kwargs"]["items"]) for m in messages] == [64, 6]
-    assert [it["request_id"] for m in messages for it in m["kwargs"]["items"]] == [r["request_id"] for r in rows[:70]]
+    assert all("not an array of pixels" in r["error"] for r in rows[300:])
+    messages = _queued(raw, "detect")  # 300 images: messages of the SDK's default 256 and 44, each with its array
+    assert DEFAULT_BATCH_SIZE == 256 and [len(m["kwargs"]["items"]) for m in messages] == [256, 44]
+    assert [it["request_id"] for m in messages for it in m["kwargs"]["items"]] == [r["request_id"] for r in rows[:300]]
     stored = np.concatenate([np.load(io.BytesIO(raw.get(f"umcd:img:{m['id']}"))) for m in messages])
     assert np.array_equal(stored, pixels)
 

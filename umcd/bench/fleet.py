@@ -42,17 +42,19 @@ class FleetBenchPlan:
     open_batch: int  # images per message in the open-loop batch phase (same image rate)
     saturation_single: int
     saturation_batch: int
-    batch_size: int  # images per message in the saturation batch phase (the workers' model batch)
+    batch_size: int  # the workers' model batch (and the in-process baseline's batch)
+    message_size: int  # images per message in the saturation batch phases (the SDK's default batch_size)
     in_process_seconds: float
     timeout_s: float
     bracket_seconds: float  # the in-process runs (per thread count) right before and after each saturation phase
 
 
 FULL = FleetBenchPlan(db_codes=100_000, workers=2, warmup=256, open_rate=50.0, open_seconds=20.0, open_batch=5,
-                      saturation_single=3_000, saturation_batch=10_000, batch_size=64, in_process_seconds=3.0,
+                      saturation_single=3_000, saturation_batch=10_000, batch_size=64, message_size=256,
+                      in_process_seconds=3.0,
                       timeout_s=300.0, bracket_seconds=1.5)
 QUICK = FleetBenchPlan(db_codes=2_000, workers=2, warmup=16, open_rate=20.0, open_seconds=1.0, open_batch=4,
-                       saturation_single=40, saturation_batch=96, batch_size=16, in_process_seconds=0.3,
+                       saturation_single=40, saturation_batch=96, batch_size=16, message_size=32, in_process_seconds=0.3,
                        timeout_s=120.0, bracket_seconds=0.2)
 
 
@@ -607,7 +609,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         warm = _query_pngs(plan.warmup)
         warm_ids = [f"warm-{tag}-{i}" for i in range(plan.warmup)]
         _send_single(client, warm_ids[: plan.warmup // 2], warm[: plan.warmup // 2], None)
-        _send_batches(client, warm_ids[plan.warmup // 2 :], warm[plan.warmup // 2 :], plan.batch_size, None)
+        _send_batches(client, warm_ids[plan.warmup // 2 :], warm[plan.warmup // 2 :], plan.message_size, None)
         listener.wait_for(warm_ids, plan.timeout_s)
 
         rows: list[dict] = []
@@ -617,16 +619,19 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             ("fleet_batch_open_loop", "open loop", f"batch of {plan.open_batch}", plan.open_rate, n_open,
              plan.open_batch),
             ("fleet_single_saturation", "saturation", "single", None, plan.saturation_single, None),
-            ("fleet_batch_saturation", "saturation", f"batch of {plan.batch_size}", None, plan.saturation_batch,
-             plan.batch_size),
-            ("fleet_array_saturation", "saturation", f"pixel array, batch of {plan.batch_size}", None,
-             plan.saturation_batch, plan.batch_size),
+            ("fleet_batch_saturation", "saturation", f"batch of {plan.message_size}", None, plan.saturation_batch,
+             plan.message_size),
+            ("fleet_array_saturation", "saturation", f"pixel array, batch of {plan.message_size}", None,
+             plan.saturation_batch, plan.message_size),
+            # the same array in messages of one model batch each: what the per-message costs weigh
+            ("fleet_array_saturation_small_messages", "saturation", f"pixel array, batch of {plan.batch_size}",
+             None, plan.saturation_batch, plan.batch_size),
         ]
         for mode, load, submission, rate, n, per_message in phases:
             say(f"{mode}: {n} images" + (f" at {rate:g}/s" if rate else " sent at once"))
             prefix = f"{mode}-{tag}-"
             ids = [f"{prefix}{i}" for i in range(n)]
-            images = _query_pixels(n) if mode == "fleet_array_saturation" else _query_pngs(n)
+            images = _query_pixels(n) if mode.startswith("fleet_array") else _query_pngs(n)
             bracket_before = meter_idle = None
             if load == "saturation":
                 meter_idle = CpuMeter(fleet)
@@ -653,7 +658,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         _consumers(client, "cancel", plan.workers)
         try:
             t_send = time.perf_counter()
-            sent, messages, _ = _send_batches(client, ids, _query_pngs(len(ids)), plan.batch_size, None)
+            sent, messages, _ = _send_batches(client, ids, _query_pngs(len(ids)), plan.message_size, None)
             send_seconds = time.perf_counter() - t_send
             meter_idle = CpuMeter(fleet)
             bracket_before = in_process_burst()  # the queue is full and nobody consumes it
@@ -662,7 +667,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             released = time.perf_counter()
         finally:
             _consumers(client, "add", plan.workers)
-        phase = Phase(mode, "saturation", f"batch of {plan.batch_size}, queued first", None,
+        phase = Phase(mode, "saturation", f"batch of {plan.message_size}, queued first", None,
                       dict.fromkeys(sent, released), messages, 0.0, send_seconds)
         rows.append(_phase_row(phase, listener, client, db_url, prefix, plan.timeout_s, meter, released))
         rows[-1]["in_process_bracket"] = _bracket(bracket_before, in_process_burst(), meter_idle)
@@ -675,7 +680,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         say(f"memory: the batch saturation load again ({n} images)")
         meter = CpuMeter(fleet)
         ids = [f"mem-{tag}-{i}" for i in range(n)]
-        _send_batches(client, ids, _query_pngs(n), plan.batch_size, None)
+        _send_batches(client, ids, _query_pngs(n), plan.message_size, None)
         missing = listener.wait_for(ids, plan.timeout_s)
         steady = meter.stop(1.0)
         steady_memory = {"requests": n - missing, "rss_mib_start": steady["worker_rss_mib_start"],
@@ -742,6 +747,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
     batch_ratio = by_mode["fleet_array_saturation"]["ratio_to_in_process"]
     png_ratio = by_mode["fleet_batch_saturation"]["ratio_to_in_process"]
     prequeued_ratio = by_mode["fleet_batch_prequeued"]["ratio_to_in_process"]
+    small_ratio = by_mode["fleet_array_saturation_small_messages"]["ratio_to_in_process"]
     open_p99 = by_mode["fleet_single_open_loop"]["p99_ms"]
     result = {
         "benchmark": "fleet",
@@ -762,7 +768,8 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             "open_loop": {"rate_images_per_s": plan.open_rate, "seconds": plan.open_seconds,
                           "batch_images_per_message": plan.open_batch},
             "saturation": {"single_images": plan.saturation_single, "batch_images": plan.saturation_batch,
-                           "batch_images_per_message": plan.batch_size},
+                           "batch_images_per_message": plan.message_size,
+                           "small_messages_images_per_message": plan.batch_size},
             "warmup_images": plan.warmup,
             "latency": "fleet rows: client-side, from just before the submit call (time.perf_counter in the "
                        "producer) to the producer receiving the result backend's PUBLISH of the stored Result "
@@ -782,7 +789,9 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
                                        "met": bool(batch_ratio >= TARGET_BATCH_RATIO),
                                        "submission": "pixel arrays (the in-process input: decoded pixels)",
                                        "png_files": png_ratio, "png_files_met": bool(png_ratio >= TARGET_BATCH_RATIO),
-                                       "png_files_queued_first": prequeued_ratio},
+                                       "png_files_queued_first": prequeued_ratio,
+                                       "images_per_message": plan.message_size,
+                                       "pixel_arrays_in_messages_of_one_model_batch": small_ratio},
             "query_p99_ms_open_loop": {"target": TARGET_P99_MS, "rate_per_s": plan.open_rate,
                                        "db_codes": index_size, "measured": open_p99,
                                        "met": bool(open_p99 is not None and open_p99 <= TARGET_P99_MS)},
