@@ -65,3 +65,65 @@ def test_bad_verdicts_are_refused_before_anything_is_written(db_url):
         assert write_verdicts(s, []) == set()
     with session_scope(db_url) as s:
         assert repo.get_verdict(s, "ok") is None
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sqlite_rows_hold_the_same_bytes_as_sqlalchemys_own_insert_also_across_statements(db_url):
+    """SQLite takes a text statement with each column's bind processor; the stored values must be those of
+    SQLAlchemy's ``insert()`` (JSON, None as JSON null, datetimes in UTC), and so must RETURNING's ids
+    when SQLite's variable limit splits the rows into several statements."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone
+
+    from db.models import Request, Verdict
+    from workers import auditwrites
+
+    def fields(rid: str, n: int) -> tuple[dict, dict]:
+        when = datetime(2026, 3, 4, 5, 6, 7, 891011, tzinfo=timezone(timedelta(hours=2)))
+        request = _request(rid, client="ünï", submitted_at=when if n % 2 else 1_700_000_000.25,
+                           received_at=when.replace(tzinfo=None) if n % 2 else 1_700_000_001.5)
+        verdict = _verdict(rid, "adversarial" if n % 3 else "benign", thresholds=None if n % 2 else {"c1": 1.0},
+                           topk=None if n == 4 else {"ids": [n, 7], "distances": [0, 2]}, image_id=n or None,
+                           created_at=when)
+        return request, verdict
+
+    def columns(table) -> list[str]:
+        return [c.key for c in table.columns if c.key not in ("id", "request_id")]
+
+    with session_scope(db_url) as s:
+        driver = s.connection().connection.driver_connection
+        old = driver.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)  # 2 verdict rows per statement
+        try:
+            pairs = [fields(f"fast-{n}", n) for n in range(5)]
+            record_requests(s, [r for r, _ in pairs])
+            assert write_verdicts(s, [v for _, v in pairs]) == {f"fast-{n}" for n in range(5)}
+            again = [fields(f"fast-{n}", n) for n in (1, 5, 3, 6)]  # two already there, two new
+            assert write_verdicts(s, [v for _, v in again]) == {"fast-5", "fast-6"}
+        finally:
+            driver.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, old)
+        # the same rows through SQLAlchemy's insert().on_conflict_do_nothing(), as PostgreSQL writes them
+        pairs = [fields(f"orm-{n}", n) for n in range(5)]
+        record_requests(s, [])  # nothing to do
+        requests = []
+        for request, _ in pairs:
+            row = {k: request.get(k) for k in auditwrites._REQUEST_COLUMNS}
+            row.update(image_ref="inline", submitted_at=repo.as_datetime(request["submitted_at"]),
+                       received_at=repo.as_datetime(request["received_at"]))
+            requests.append(row)
+        auditwrites._generic_insert(s, Request.__table__, requests)
+        verdicts = [{k: v.get(k) for k in auditwrites._VERDICT_COLUMNS} for _, v in pairs]
+        assert set(auditwrites._generic_insert(s, Verdict.__table__, verdicts, returning="request_id")) == {
+            f"orm-{n}" for n in range(5)}
+    raw = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+    try:
+        for table in (Verdict.__table__, Request.__table__):
+            cols = ", ".join(columns(table))
+            for n in range(5):
+                fast = raw.execute(f"SELECT {cols} FROM {table.name} WHERE request_id = ?", (f"fast-{n}",)).fetchone()
+                orm = raw.execute(f"SELECT {cols} FROM {table.name} WHERE request_id = ?", (f"orm-{n}",)).fetchone()
+                assert fast == orm and fast is not None, (table.name, n)
+        stored = dict(raw.execute("SELECT request_id, thresholds FROM verdicts WHERE request_id IN ('fast-1', 'fast-2')"))
+        assert stored == {"fast-1": "null", "fast-2": '{"c1": 1.0}'}  # None is JSON null, as SQLAlchemy stores it
+        assert raw.execute("SELECT count(*) FROM verdicts").fetchone() == (12,)
+    finally:
+        raw.close()
