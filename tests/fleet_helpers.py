@@ -142,7 +142,7 @@ def worker_env(settings, metrics_port: int, extra: dict[str, str] | None = None)
 
 
 def start_worker(name: str, settings, log_dir: Path, *, app: str = "workers.app", concurrency: int = 16,
-                 prefetch_multiplier: int = 4, env: dict[str, str] | None = None, log_name: str | None = None,
+                 prefetch_multiplier: int = 1, env: dict[str, str] | None = None, log_name: str | None = None,
                  metrics_port: int | None = None, loglevel: str = "INFO") -> Worker:
     """Start a detection worker ``name@<host>`` reading detect, screen and ``pin.<name>``; logs to ``log_dir``."""
     from umcd.commands.worker import worker_argv
@@ -245,7 +245,7 @@ class FleetRun:
 
     def __init__(self, artifacts: Path, *, db_url: str, broker_url: str, checkpoint: Path,
                  worker_app: str = "workers.app", worker_env: dict[str, str] | None = None,
-                 concurrency: int = 16, prefetch_multiplier: int = 4, **settings_overrides) -> None:
+                 concurrency: int = 16, prefetch_multiplier: int = 1, **settings_overrides) -> None:
         from umcd.settings import Settings
 
         self.artifacts = Path(artifacts)

@@ -25,7 +25,7 @@ STATE_VERSION = 1
 
 #: Worker arguments after ``celery -A <app>``, the same as docker-compose.yml's (tests pin it).
 DETECT_WORKER_ARGS: tuple[str, ...] = (
-    "worker", "-Q", "detect,screen", "-P", "threads", "--concurrency", "16", "--prefetch-multiplier", "4",
+    "worker", "-Q", "detect,screen", "-P", "threads", "--concurrency", "16", "--prefetch-multiplier", "1",
 )
 CPU_WORKER_ARGS: tuple[str, ...] = ("worker", "-Q", "train,attack,eval", "-P", "solo")
 

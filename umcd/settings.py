@@ -64,7 +64,10 @@ class Settings(BaseSettings):
     worker_gc_freeze: bool = True
     replica_sync_interval_ms: float = Field(200.0, gt=0)
     model_poll_interval_s: float = Field(2.0, gt=0)
-    worker_prefetch: int = Field(64, ge=1)
+    #: Celery's prefetch multiplier (messages a worker reserves per pool thread) where a command line gives
+    #: none; the fleet's detection workers pass 1 (docs/CONTRACTS.md: larger reservations left one worker
+    #: idle while the other still held a quarter of a load)
+    worker_prefetch: int = Field(1, ge=1)
     #: seconds before Redis hands an unacked message to another worker (and twice that before the
     #: request ledger re-sends a message nobody started); longer than the longest task
     visibility_timeout_s: float = Field(600.0, gt=0)

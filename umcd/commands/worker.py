@@ -19,7 +19,7 @@ KINDS: dict[str, dict[str, str]] = {
 #: threads of a detection worker: more than one batch's worth, so that batches fill under load
 DEFAULT_DETECT_CONCURRENCY = 32
 #: messages reserved per thread (Celery's prefetch multiplier)
-DEFAULT_PREFETCH_MULTIPLIER = 4
+DEFAULT_PREFETCH_MULTIPLIER = 1
 
 
 class Kind(str, Enum):
