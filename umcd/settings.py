@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     replica_sync_interval_ms: float = Field(200.0, gt=0)
     model_poll_interval_s: float = Field(2.0, gt=0)
     #: Celery's prefetch multiplier (messages a worker reserves per pool thread) where a command line gives
-    #: none; the fleet's detection workers pass 1 (docs/CONTRACTS.md: larger reservations left one worker
+    #: none; the fleet's detection workers pass 1 (README, Performance: larger reservations left one worker
     #: idle while the other still held a quarter of a load)
     worker_prefetch: int = Field(1, ge=1)
     #: seconds before Redis hands an unacked message to another worker (and twice that before the
