@@ -362,3 +362,52 @@ def test_a_message_of_more_than_1024_images_fails_each_one_and_its_array_is_dele
     assert all(r.verdict == "error" and "at most 1024 images" in r.reasons[0] for r in results.values())
     assert _array_keys_left(fleet, {key}) == set()
     assert fleet.rows(ids[:5]) == {rid: [] for rid in ids[:5]}  # nothing was scored
+
+
+def test_a_message_larger_than_a_model_batch_is_answered_batch_by_batch_reading_its_array_once(fleet, digit_pngs):
+    """150 images in one message to a worker whose model batch is 64: chunks of 64, 64 and 22, each stored and
+    answered before the next is decoded (so a thread holds one model batch of decoded images, and the first
+    Results do not wait for the last), and the message's array is read from Redis once."""
+    import threading
+    from datetime import datetime
+
+    import redis as redis_lib
+
+    from db.repo import as_datetime
+
+    raw = redis_lib.Redis.from_url(fleet.settings.broker_url)
+    ids = [f"chunk-{uuid.uuid4().hex[:8]}-{i}" for i in range(150)]
+    stop = f"stop-monitor-{uuid.uuid4().hex}"
+    seen: list[list[str]] = []
+    watching = threading.Event()
+
+    def watch() -> None:  # every command Redis runs, until our own ECHO of ``stop``
+        with raw.monitor() as monitor:
+            watching.set()
+            for command in monitor.listen():
+                words = command["command"].split()
+                seen.append(words)
+                if words[:1] == ["ECHO"] and stop in command["command"]:
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert watching.wait(10)
+    sent = fleet.client.submit_queries(_pixels(digit_pngs[200:350]), request_ids=ids, client="chunks",
+                                       batch_size=150)
+    results = fleet.client.wait(sent, timeout=120)
+    raw.echo(stop)
+    watcher.join(10)
+    assert set(results) == set(ids) and all(r.verdict in ("benign", "adversarial") for r in results.values()), \
+        fleet.logs()
+    array_gets = [w for w in seen if w[:1] == ["GET"] and w[1].strip('"').startswith("umcd:img:")]
+    assert len(array_gets) == 1, array_gets  # one read of the one array, for the three chunks
+    rows = fleet.rows(ids)
+    assert all(len(v) == 1 for v in rows.values())
+    assert [rows[rid][0]["batch_size"] for rid in ids[:64]] == [64] * 64  # the chunks were the model's batches
+    # the first chunk's Results were stored (date_done, the worker's clock) before the last chunk's verdict
+    # rows were written: answered batch by batch, not all at the end of the message
+    metas = {rid: json.loads(raw.get(f"celery-task-meta-{rid}")) for rid in (ids[0], ids[63], ids[-1])}
+    first_done = max(datetime.fromisoformat(metas[rid]["date_done"]) for rid in (ids[0], ids[63]))
+    last_written = min(as_datetime(rows[rid][0]["created_at"]) for rid in ids[128:])
+    assert first_done < last_written, (first_done, last_written)
