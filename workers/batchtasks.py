@@ -126,23 +126,6 @@ def release_arrays(runtime: Any, items: list[dict]) -> int:
         return 0
 
 
-def _answer(task: Any, entries: list[tuple[str, dict | BaseException]], transient: tuple, retries: int) -> None:
-    """Store ``entries``' Results now (their verdicts are committed), or retry the whole message if the result
-    backend is down: a redelivery answers every item from the audit store."""
-    from workers import metrics
-    from workers.tasks import TRANSIENT_MAX_RETRIES, backoff_s
-
-    cpu = time.thread_time()
-    try:
-        store_item_results(task.backend, entries)
-    except transient as exc:
-        log.warning("batch %s: storing %d results failed (%s: %s); retrying the message", task.request.id,
-                    len(entries), type(exc).__name__, exc)
-        raise task.retry(countdown=backoff_s(retries), max_retries=TRANSIENT_MAX_RETRIES, exc=exc) from None
-    finally:
-        metrics.add_cpu("answer", time.thread_time() - cpu)
-
-
 def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted_at: Any,
                  source: str | None = None, label: Any = None) -> dict:
     """The work of ``umcd.detect_batch`` / ``umcd.screen_batch`` on a detection worker.
@@ -154,17 +137,12 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     or Redis down, no model yet) are retried as a new message holding only them; the message
     returns (and is acked) after every item has a stored Result or was sent on for a retry.
 
-    The message goes one model batch (``batch_max_size`` images) at a time: a chunk is decoded, scored,
-    stored and its Results published before the next is decoded. A task thread so holds at most one
-    model batch of decoded images (16 threads of 256-image messages held 4,096 per worker at once), and
-    a large message's first Results do not wait for its last images. Its pixel arrays are read once.
-
     Returns a summary: ``{"items", "stored", "verdicts": {verdict: n}, "failed", "retrying", "rejected"}``
     (``rejected``: items without a valid request id, which cannot be answered and are only logged).
     """
     import sqlalchemy.exc
 
-    from workers.batching import BatcherStopped
+    from workers import metrics
     from workers.results import ScreenRequest
     from workers.runtime import NoModel, get_runtime
     from workers.tasks import (NO_MODEL_COUNTDOWN_S, NO_MODEL_MAX_RETRIES, TRANSIENT_MAX_RETRIES, _as_epoch,
@@ -202,34 +180,32 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
         )
         for it in good
     ]
+    outcomes = runtime.handle_many(requests, [it.get("image") for it in good])
+
     transient = transient_errors()
-    retries = task.request.retries or 0
     done: list[tuple[str, dict | BaseException]] = []
     again: list[tuple[dict, BaseException]] = []
-    arrays: dict = {}  # the message's pixel arrays, read once for all its chunks
-    chunk = max(1, int(runtime.settings.batch_max_size))
-    for start in range(0, len(good), chunk):
-        part = good[start : start + chunk]
-        if again and isinstance(again[-1][1], (NoModel, BatcherStopped)):  # no model, or shutting down:
-            again += [(item, again[-1][1]) for item in part]  # the rest would wait for the same
-            continue
-        outcomes = runtime.handle_many(requests[start : start + chunk], [it.get("image") for it in part], arrays)
-        answered: list[tuple[str, dict | BaseException]] = []
-        for item, outcome in zip(part, outcomes):
-            if isinstance(outcome, (NoModel, *transient)) or (
-                    isinstance(outcome, sqlalchemy.exc.DBAPIError) and outcome.connection_invalidated):
-                again.append((item, outcome))
-            else:
-                answered.append((item["request_id"], outcome))
-        _answer(task, answered, transient, retries)
-        done += answered
+    for item, outcome in zip(good, outcomes):
+        if isinstance(outcome, (NoModel, *transient)) or (
+                isinstance(outcome, sqlalchemy.exc.DBAPIError) and outcome.connection_invalidated):
+            again.append((item, outcome))
+        else:
+            done.append((item["request_id"], outcome))
     no_model = any(isinstance(exc, NoModel) for _, exc in again)
+    retries = task.request.retries or 0
     max_retries = NO_MODEL_MAX_RETRIES if no_model else TRANSIENT_MAX_RETRIES
     if again and retries >= max_retries:  # out of retries: these items fail with their last error
-        failed = [(item["request_id"], exc) for item, exc in again]
-        _answer(task, failed, transient, retries)
-        done += failed
+        done += [(item["request_id"], exc) for item, exc in again]
         again = []
+    cpu = time.thread_time()
+    try:
+        store_item_results(task.backend, done)
+    except transient as exc:  # the verdicts are committed: a redelivery answers from the audit store
+        log.warning("batch %s: storing %d results failed (%s: %s); retrying the message", task.request.id,
+                    len(done), type(exc).__name__, exc)
+        raise task.retry(countdown=backoff_s(retries), max_retries=TRANSIENT_MAX_RETRIES, exc=exc) from None
+    finally:
+        metrics.add_cpu("answer", time.thread_time() - cpu)
     if not again:
         release_arrays(runtime, good)
     summary = {

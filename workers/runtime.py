@@ -442,8 +442,7 @@ class DetectionRuntime:
             future.cancel()
             raise
 
-    def handle_many(self, requests: list[ScreenRequest], image_refs: list[Any],
-                    arrays: dict[tuple[str, str], np.ndarray] | None = None) -> list[dict | BaseException]:
+    def handle_many(self, requests: list[ScreenRequest], image_refs: list[Any]) -> list[dict | BaseException]:
         """Decode, score, store and answer several requests of one message (runs on a task thread).
 
         Every decoded image goes to the batcher at once, so the images of a message share model
@@ -452,9 +451,6 @@ class DetectionRuntime:
         when no model is published, audit-store or Redis errors, ``TimeoutError`` when its batch
         did not answer within ``result_timeout_s``). Never raises for one request's sake: bad input
         gets its ``invalid_input`` Result as in :meth:`handle`.
-
-        ``arrays``: pixel arrays already read for this message (source -> pixels), filled by this call, so a
-        message handled in several calls reads each of its arrays once.
         """
         outcomes: list[dict | BaseException | None] = [None] * len(requests)
         state = self._state
@@ -477,7 +473,7 @@ class DetectionRuntime:
             except Exception as exc:  # noqa: BLE001 - e.g. Redis down while reading a redis_key image
                 outcomes[i] = exc
         for source, spots in in_arrays.items():
-            self._decode_array(source, spots, requests, size, decoded, outcomes, arrays)
+            self._decode_array(source, spots, requests, size, decoded, outcomes)
         metrics.add_cpu("decode", time.thread_time() - cpu)  # with the audit rows of invalid images, if any
         if decoded and state is None:
             try:
@@ -514,20 +510,15 @@ class DetectionRuntime:
             return store_exc
 
     def _decode_array(self, source: tuple[str, str], spots: list[tuple[int, int]], requests: list[ScreenRequest],
-                      size: int, decoded: list[tuple[int, BatchItem]], outcomes: list[dict | BaseException | None],
-                      arrays: dict[tuple[str, str], np.ndarray] | None = None) -> None:
+                      size: int, decoded: list[tuple[int, BatchItem]],
+                      outcomes: list[dict | BaseException | None]) -> None:
         """The images of one pixel array (``{"array": ...}`` ImageRefs): the array is read once, converted
         in one vectorised step, and each image goes on as a BatchItem (its PNG kept only for insertions,
         which store their bytes). A bad array answers all its items ``invalid_input``; a bad index, its own."""
         try:
-            pixels = arrays.get(source) if arrays is not None else None
-            if pixels is None:
-                blob = read_array_source(*source, self.redis, allowed_roots=self.settings.image_roots)
-                pixels = load_pixel_array(blob, max_bytes=self.settings.max_image_bytes,
-                                          max_pixels=self.settings.max_image_pixels,
-                                          min_side=self.settings.min_image_side)
-                if arrays is not None:
-                    arrays[source] = pixels
+            blob = read_array_source(*source, self.redis, allowed_roots=self.settings.image_roots)
+            pixels = load_pixel_array(blob, max_bytes=self.settings.max_image_bytes,
+                                      max_pixels=self.settings.max_image_pixels, min_side=self.settings.min_image_side)
         except InvalidImage as exc:
             for i, _ in spots:
                 outcomes[i] = self._invalid_outcome(requests[i], exc)
