@@ -178,6 +178,7 @@ def test_sigkill_mid_batch_of_pixel_array_messages_loses_and_duplicates_nothing_
 
     import numpy as np
     from PIL import Image
+
     from producers.sdk import DEFAULT_BATCH_SIZE
 
     fleet = kill_fleet

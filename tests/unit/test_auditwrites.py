@@ -103,7 +103,6 @@ def test_sqlite_rows_hold_the_same_bytes_as_sqlalchemys_own_insert_also_across_s
             driver.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, old)
         # the same rows through SQLAlchemy's insert().on_conflict_do_nothing(), as PostgreSQL writes them
         pairs = [fields(f"orm-{n}", n) for n in range(5)]
-        record_requests(s, [])  # nothing to do
         requests = []
         for request, _ in pairs:
             row = {k: request.get(k) for k in auditwrites._REQUEST_COLUMNS}
