@@ -39,7 +39,6 @@ def _insert(session: Session, table: Table):
     raise NotImplementedError(f"the audit store supports sqlite and postgresql, not {name}")
 
 
-_SQLITE_DEFAULT_MAX_VARIABLES = 999  # SQLite's own limit before 3.32; a connection reports its real one
 #: dialect -> {(table, columns, returning): _SqliteInsert}; per dialect object, as the bind processors are (the
 #: JSON serializer is an engine setting)
 _sqlite_inserts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -85,10 +84,8 @@ def _sqlite_insert(session: Session, table: Table, columns: Sequence[str], rows:
     returns the ``returning`` values of the rows inserted (an empty list without ``returning``)."""
     connection = session.connection()
     insert = _SqliteInsert.of(table, columns, returning, connection.dialect)
-    try:
-        max_variables = connection.connection.driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    except (AttributeError, sqlite3.Error):  # pragma: no cover - Python before 3.11
-        max_variables = _SQLITE_DEFAULT_MAX_VARIABLES
+    # the connection's own limit on bound variables (Python 3.11's sqlite3 reports it)
+    max_variables = connection.connection.driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     per_statement = max(1, max_variables // len(columns))
     out: list[Any] = []
     for start in range(0, len(rows), per_statement):
