@@ -529,6 +529,9 @@ def test_detect_worker_runs_on_the_gpu_image_with_gpu_settings(services):
     assert svc["build"]["dockerfile"] == "deploy/Dockerfile.cuda"
     env = svc["environment"]
     assert (env["UMCD_DEVICE"], env["UMCD_INDEX_BACKEND"], env["UMCD_METRICS_PORT"]) == ("cuda", "gpu", "9100")
+    # the image's own command (a container started without compose) is compose's: the same reservations
+    cmd = [line for line in (ROOT / "deploy/Dockerfile.cuda").read_text().splitlines() if line.startswith("CMD ")]
+    assert len(cmd) == 1 and json.loads(cmd[0][len("CMD "):]) == svc["command"]
 
 
 def _module_refs() -> list[tuple[str, str, str | None]]:
