@@ -200,6 +200,7 @@ class Demo:
             "UMCD_REPLICA_SYNC_INTERVAL_MS": "100", "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
             # the publisher (train task) and the detection workers must agree on the detector (UMCD_DETECTOR)
             "UMCD_DETECTOR": settings.detector,
+            "UMCD_DEVICE": settings.device,  # UMCD_DEVICE=cpu keeps the workers off a GPU, as the demo says
         })
         if settings.detector_secret is not None:  # the random denoiser's secret (umcd-rand*), never printed
             env["UMCD_DETECTOR_SECRET"] = settings.detector_secret.get_secret_value()
@@ -268,8 +269,11 @@ class Demo:
         app = make_celery(settings)
         client = Client(settings, app=app)
         self._wait_workers(app, cfg.detect_workers + 1)
-        self.con.print(f"workers up: {cfg.detect_workers} detection (queues detect, screen), 1 cpu (train, attack, eval); "
-                       f"logs in {logs}")
+        from workers.runtime import resolve_device
+
+        device = resolve_device(settings.device).type  # what the detection workers resolve UMCD_DEVICE to
+        self.con.print(f"workers up: {cfg.detect_workers} detection on {device} (queues detect, screen), 1 cpu (train, "
+                       f"attack, eval); logs in {logs}")
 
         # 1. train and publish
         self.heading(1, "Train the CSQ deep-hashing model on digits through the `train` queue, and publish it")
