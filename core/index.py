@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     return b.astype(np.float32) * 2 - 1
 
 
+log = logging.getLogger(__name__)
+#: the CPU fallback of a "gpu" index is logged once per process, not at every index a worker builds
+_fallback_logged = False
+
+
 def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -45,7 +51,13 @@ class HammingIndex:
         if backend == "auto":
             backend = "gpu" if gpu_available() else "cpu"
         if backend == "gpu" and not gpu_available():
-            backend = "cpu"  # CPU fallback: faiss-gpu or CUDA missing
+            global _fallback_logged
+            if not _fallback_logged:
+                _fallback_logged = True
+                why = ("this faiss has no GPU support (install the `gpu` extra, faiss-gpu)"
+                       if not hasattr(faiss, "StandardGpuResources") else "faiss sees no GPU")
+                log.warning("a GPU binary index was asked for but %s: the index stays on the CPU", why)
+            backend = "cpu"
         self.backend = backend
         self._lock = threading.RLock()
         self._reset()

@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
 # Runs the GPU benchmarks in one go on a machine with CUDA and prints their figures.
 # Usage: bash deploy/gpu-bench.sh [OUT_DIR]
-# Needs the project installed (make setup); installs faiss-gpu (the `gpu` extra) when CUDA is present.
+# Python: $UMCD_PYTHON when set (an environment whose packages you manage: nothing is installed), else
+# the project's .venv (made by `make setup` if missing), where faiss-cpu is swapped for faiss-gpu (the
+# `gpu` extra) when that can be downloaded; offline, faiss-cpu stays and the index runs on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-artifacts/bench/gpu-$(date +%Y%m%d-%H%M%S)}
-py=.venv/bin/python
-[ -x "$py" ] || make setup
+py=${UMCD_PYTHON:-.venv/bin/python}
+if [ -z "${UMCD_PYTHON:-}" ] && [ ! -x "$py" ]; then make setup; fi
 "$py" - <<'PY'
 import torch, sys
 if not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch: this script is for a GPU machine")
 print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
-if ! "$py" -c "import faiss, sys; sys.exit(0 if hasattr(faiss, 'StandardGpuResources') else 1)"; then
-  # faiss-cpu and faiss-gpu install the same module: swap them for the GPU index
-  "$py" -m pip uninstall -y -q faiss-cpu || true
-  "$py" -m pip install -q "faiss-gpu>=1.8,<2" || echo "faiss-gpu not installable here: the index stays on the CPU"
+has_gpu_faiss() { "$py" -c "import faiss, sys; sys.exit(0 if hasattr(faiss, 'StandardGpuResources') else 1)"; }
+if [ -z "${UMCD_PYTHON:-}" ] && ! has_gpu_faiss; then
+  # faiss-cpu and faiss-gpu install the same module: swap them, but only once faiss-gpu is in hand,
+  # so that a machine without a package index keeps its working faiss-cpu
+  wheels=$(mktemp -d)
+  if "$py" -m pip download -q -d "$wheels" "faiss-gpu>=1.8,<2"; then
+    "$py" -m pip uninstall -y -q faiss-cpu
+    "$py" -m pip install -q --no-index --find-links "$wheels" "faiss-gpu>=1.8,<2"
+  else
+    echo "faiss-gpu could not be downloaded here: the index stays on the CPU"
+  fi
+  rm -rf "$wheels"
 fi
+has_gpu_faiss && echo "faiss: GPU binary index" || echo "faiss: no GPU support, the index runs on the CPU"
 mkdir -p "$out"
-.venv/bin/umcd bench overhead --device cuda --out "$out"
-.venv/bin/umcd bench index --device cuda --out "$out"
+"$py" -m umcd.cli bench overhead --device cuda --out "$out"
+"$py" -m umcd.cli bench index --device cuda --out "$out"
 "$py" - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
