@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def digit_pngs() -> list[bytes]:
-    """PNG bytes of the digits query split (360 images of 32x32)."""
+    """PNG bytes of the digits query split (1,000 images of 32x32)."""
     from core.datasets import load_dataset
 
     x = load_dataset("digits", seed=0).query.get().mul(255).round().byte().permute(0, 2, 3, 1).numpy()
