@@ -13,6 +13,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 timeout "${GPU_TESTS_TIMEOUT:-900}" "$py" -m pytest -q -p no:cacheprovider -rs --junitxml="$out/cuda-tests.xml" \
   tests/unit/test_cuda.py tests/integration/test_fleet_cuda.py "tests/unit/test_attacks.py::test_attacks_run_on_the_images_device" \
+  "tests/unit/test_core_detection.py::test_detector_batched_results_equal_one_by_one" \
   2>&1 | tee "$out/cuda-tests.log"
 tests=${PIPESTATUS[0]}
 timeout "${GPU_BENCH_TIMEOUT:-1800}" bash deploy/gpu-bench.sh "$out" 2>&1 | tee "$out/gpu-bench.log"

@@ -174,9 +174,12 @@ def test_calibration_saved_and_reloaded_gives_the_same_verdicts(tmp_path):
     assert again.meta["checkpoint_sha256"] == "ab" * 32 and again.n_samples == 300 and again.target_fpr == 0.1
 
 
-def test_detector_batched_results_equal_one_by_one(tiny_model, digits_splits):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_detector_batched_results_equal_one_by_one(tiny_model, digits_splits, device):
     index = build_index(tiny_model, digits_splits.database.subset(np.arange(100)))
-    det = Detector(tiny_model, index, top_k=5)
+    det = Detector(tiny_model.to(device), index, top_k=5)
+    assert det.device.type == device
     det.calibrate(digits_splits.query.get(np.arange(60)), 0.1)
     x = digits_splits.query.get(np.arange(60, 76))
     batch = det.score_batch(x)

@@ -1,5 +1,7 @@
 """The CUDA paths against the CPU ones: transforms, the Detector, training and the GPU index backend.
 
+(A GPU batch scored as its images one by one: tests/unit/test_core_detection.py, on both devices.)
+
 Skipped where torch sees no GPU (CI, the development machine); `deploy/gpu-check.sh` runs them on a GPU
 machine. The CPU results are the reference: a model, a calibration and an index serve both devices, and
 the scores may differ only by float rounding (different kernels sum in a different order).
@@ -60,20 +62,6 @@ def test_the_detector_on_the_gpu_scores_and_decides_as_on_the_cpu(trained_digits
     same = np.array(a.verdicts) == np.array(b.verdicts)
     assert same[~near].all() and near.mean() < 0.01
     assert {"model", "search", "criteria"} <= set(b.timings)
-
-
-@cuda
-def test_a_gpu_batch_scores_as_its_images_one_by_one(tiny_model, digits_splits):
-    index = build_index(tiny_model, digits_splits.database.subset(np.arange(200)))
-    det = Detector(tiny_model.cuda(), index, top_k=5)
-    det.calibrate(digits_splits.query.get(np.arange(100)), 0.1)
-    x = digits_splits.query.get(np.arange(100, 132))
-    batch = det.score_batch(x)
-    singles = [det.score_batch(x[i : i + 1]) for i in range(len(x))]
-    assert batch.verdicts == [s.verdicts[0] for s in singles]
-    for name in ("c1", "c2", "c3"):
-        np.testing.assert_allclose(batch.scores[name], [s.scores[name][0] for s in singles], atol=1e-4)
-    assert np.array_equal(batch.codes, np.concatenate([s.codes for s in singles]))
 
 
 @cuda
