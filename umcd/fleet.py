@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from umcd.settings import redact_url
+from umcd.settings import format_cpu_list, redact_url
 
 LOOPBACK = "127.0.0.1"
 STATE_VERSION = 1
@@ -37,6 +37,21 @@ NAME_DEFAULTS: dict[str, str] = {"POSTGRES_USER": "umcd", "POSTGRES_DB": "umcd",
 #: inherited variables that would silently override what the fleet sets for its children
 _SCRUBBED_ENV = re.compile(r"^(FLOWER_.*|CELERY_BROKER_URL|CELERY_RESULT_BACKEND|UMCD_METRICS_PORT)$")
 _PLAIN_ENV_VALUE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]*$")
+
+
+def worker_cpu_lists(workers: int, available=None) -> list[str | None]:
+    """Each of ``workers`` workers' share of the CPUs this process may use, as CPU lists: contiguous equal
+    shares, CPUs left over going to no worker; all None when there are more workers than CPUs, or where the OS
+    has no CPU affinity."""
+    if available is None:
+        if not hasattr(os, "sched_getaffinity"):
+            return [None] * workers
+        available = os.sched_getaffinity(0)
+    cpus = sorted(available)
+    if workers <= 0 or workers > len(cpus):
+        return [None] * max(workers, 0)
+    share = len(cpus) // workers
+    return [format_cpu_list(cpus[i * share:(i + 1) * share]) for i in range(workers)]
 
 
 class FleetError(RuntimeError):
@@ -275,11 +290,15 @@ class Fleet:
         ready_timeout_s: float = 180.0,
         stop_grace_s: float = 15.0,
         progress: Callable[[str], None] | None = None,
+        pin_workers: bool = True,
     ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.artifacts = Path(artifacts).resolve()
         self.workers = workers
+        #: each detection worker's CPUs (UMCD_WORKER_CPUS): an equal share of this process's CPUs each when
+        #: ``pin_workers`` and there are no more workers than CPUs, else None (the OS schedules them anywhere)
+        self.worker_cpus: list[str | None] = worker_cpu_lists(workers) if pin_workers else [None] * workers
         self.postgres = postgres
         self.migrate = migrate
         self.cpu_worker = cpu_worker
@@ -414,10 +433,15 @@ class Fleet:
                 self._write_state(state)
 
             # each process joins state.services as soon as it is spawned, so a failure stops it too
+            if any(self.worker_cpus):
+                self._progress("detection workers pinned to CPUs " + " | ".join(map(str, self.worker_cpus)))
             for i in range(self.workers):
                 port = free_port(avoid=self._ports)
+                env = {**base_env, "UMCD_METRICS_PORT": str(port)}
+                if self.worker_cpus[i]:
+                    env["UMCD_WORKER_CPUS"] = self.worker_cpus[i]
                 state.services.append(self._spawn(
-                    f"detect{i}", "worker", self.detect_worker_argv(i), {**base_env, "UMCD_METRICS_PORT": str(port)},
+                    f"detect{i}", "worker", self.detect_worker_argv(i), env,
                     url=f"http://{LOOPBACK}:{port}/metrics", port=port, secret_values=secret_values,
                 ))
             if self.cpu_worker:

@@ -123,6 +123,7 @@ class DetectionRuntime:
         #: freeze the long-lived objects out of the GC's reach (workers.gcfreeze): only in a worker process,
         #: whose heap is the runtime's (a test or a CLI embedding a runtime keeps its own GC as it is)
         self.freeze_heap = worker_process and settings.worker_gc_freeze
+        self.worker_process = worker_process
         self.device = resolve_device(settings.device)
         export_detector_secret(settings)  # the random denoiser of umcd-rand* reads it from os.environ
         self.engine = make_engine(settings.db_url)
@@ -154,7 +155,12 @@ class DetectionRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, load: bool = True) -> DetectionRuntime:
-        """Serve metrics, load the active model if one is published, start the threads."""
+        """Pin the worker process to its CPUs (if set), serve metrics, load the active model if one is
+        published, start the threads."""
+        if self.worker_process and self.settings.worker_cpus:
+            from workers.affinity import pin_process
+
+            pin_process(self.settings.worker_cpus)  # a bad list stops the worker here, with the reason
         sys.setswitchinterval(self.settings.worker_gil_switch_ms / 1000.0)  # process-wide: see the setting
         keep_freed_memory(self.settings.worker_malloc_keep_mib)  # activations reuse the last batch's pages
         metrics.serve(self.settings.metrics_port)

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from umcd.fleet import Fleet, postgres_bin_dir, read_env_file
+from umcd.fleet import Fleet, postgres_bin_dir, read_env_file, worker_cpu_lists
 
 ROOT = Path(__file__).resolve().parents[2]
 BITS = 16
@@ -81,6 +81,24 @@ def fleet():
             assert [p.pid for p in psutil.process_iter() if fleet.started_by(p.pid)] == []
         finally:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def test_each_detection_worker_runs_every_thread_on_its_own_share_of_the_cpus(fleet):
+    from umcd.settings import parse_cpu_list
+
+    fleet, state = fleet
+    shares = worker_cpu_lists(2)  # ["0", "1"] on two CPUs; [None, None] on one (nothing pinned)
+    assert fleet.worker_cpus == shares
+    for i, share in enumerate(shares):
+        service = state.service(f"detect{i}")
+        proc = psutil.Process(service.pid)
+        want = parse_cpu_list(share) if share else os.sched_getaffinity(0)
+        threads = {t.id: os.sched_getaffinity(t.id) for t in proc.threads()}
+        assert len(threads) > 5  # Celery's and the runtime's threads, not the main thread alone
+        assert set(map(frozenset, threads.values())) == {frozenset(want)}, (share, threads)
+        assert (f"pinned to CPUs {share}" in Path(service.log).read_text(errors="replace")) == bool(share)
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert shares[0] != shares[1]
 
 
 def test_flower_and_prometheus_see_both_workers_and_the_work_they_did(fleet):

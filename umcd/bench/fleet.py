@@ -759,6 +759,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             "detector": detector.spec.name, "top_k": detector.top_k, "workers": plan.workers,
             "worker_pool": "threads, concurrency 16, prefetch x1, events on (-E)",
             "worker_torch_threads": threads, "in_process_torch_threads_tried": list(thread_options),
+            "worker_cpus": list(fleet.worker_cpus),  # UMCD_WORKER_CPUS of each detection worker (None: not pinned)
             "worker_batch_max_size": plan.batch_size, "worker_batch_max_wait_ms": Settings.model_fields["batch_max_wait_ms"].default,
             "worker_gil_switch_ms": Settings.model_fields["worker_gil_switch_ms"].default,
             "worker_malloc_keep_mib": keep_mib, "in_process_malloc_tuned": malloc_tuned,

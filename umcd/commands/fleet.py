@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         gateway_app: str = typer.Option("producers.gateway:app", "--gateway-app", help="ASGI app of the gateway."),
         migrate_module: str = typer.Option("db.migrate", "--migrate-module", help="Module run for migrations."),
         ready_timeout: float = typer.Option(180.0, "--ready-timeout", min=1.0, help="Seconds to wait for answers."),
+        pin: bool = typer.Option(True, "--pin/--no-pin", help="Pin each detection worker to its own share of "
+                                                               "the CPUs (UMCD_WORKER_CPUS)."),
     ) -> None:
         """Start every service on free loopback ports; print their URLs (credentials redacted)."""
         from rich.console import Console
@@ -48,7 +50,7 @@ def register(app: typer.Typer) -> None:
             _artifacts(artifacts), workers=workers, postgres=not no_postgres, migrate=migrate,
             cpu_worker=cpu_worker, gateway=gateway, flower=flower, celery_app=celery_app,
             gateway_app=gateway_app, migrate_module=migrate_module, ready_timeout_s=ready_timeout,
-            progress=lambda message: console.print(f"[dim]{escape(message)}[/dim]"),
+            progress=lambda message: console.print(f"[dim]{escape(message)}[/dim]"), pin_workers=pin,
         )
         try:
             state = fleet.up()

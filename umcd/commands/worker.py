@@ -79,6 +79,8 @@ def worker(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0,
                                                help="Prometheus port of this worker (sets UMCD_METRICS_PORT)"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (sets UMCD_DEVICE)"),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help="pin a detection worker to these CPUs, e.g. 0 or 0-3 "
+                                                            "(sets UMCD_WORKER_CPUS)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the command instead of running it"),
 ) -> None:
     """Run a fleet worker in this process (exec: signals reach Celery directly). Extra arguments go to Celery."""
@@ -89,11 +91,18 @@ def worker(
         env["UMCD_METRICS_PORT"] = str(metrics_port)
     if device is not None:
         env["UMCD_DEVICE"] = device
+    if cpus is not None:
+        from umcd.settings import format_cpu_list, parse_cpu_list
+
+        try:
+            env["UMCD_WORKER_CPUS"] = format_cpu_list(parse_cpu_list(cpus))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cpus") from None
     if dry_run:
         import shlex
 
-        prefix = " ".join(f"{k}={shlex.quote(env[k])}" for k in ("UMCD_METRICS_PORT", "UMCD_DEVICE")
-                          if k in env and env.get(k) != os.environ.get(k))
+        shown = ("UMCD_METRICS_PORT", "UMCD_DEVICE", "UMCD_WORKER_CPUS")
+        prefix = " ".join(f"{k}={shlex.quote(env[k])}" for k in shown if k in env and env.get(k) != os.environ.get(k))
         typer.echo((prefix + " " if prefix else "") + shlex.join(argv))
         return
     sys.stdout.flush()
