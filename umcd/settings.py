@@ -134,17 +134,13 @@ def parse_cpu_list(text: str) -> frozenset[int]:
 
 def format_cpu_list(cpus) -> str:
     """A set of CPU numbers as a compact Linux CPU list (``{0, 1, 2, 5}`` -> ``"0-2,5"``)."""
-    parts, run = [], []
+    runs: list[list[int]] = []
     for cpu in sorted(cpus):
-        if run and cpu == run[-1] + 1:
-            run.append(cpu)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [cpu]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
 
 
 #: the environment variable core.extensions.RandomDenoiser reads its secret from (core.extensions.SECRET_ENV)

@@ -27,17 +27,16 @@ def pin_process(cpus_text: str) -> frozenset[int]:
     if not hasattr(os, "sched_setaffinity"):
         raise RuntimeError(f"UMCD_WORKER_CPUS={cpus_text!r}: this OS has no CPU affinity (Linux only)")
     allowed = os.sched_getaffinity(0)
-    if not cpus or not cpus <= allowed:
+    if not cpus <= allowed:
         raise ValueError(f"UMCD_WORKER_CPUS={cpus_text!r} names CPUs {format_cpu_list(cpus - allowed)} that this "
                          f"process may not use (it may use {format_cpu_list(allowed)})")
     tasks = Path("/proc/self/task")
     threads = [int(t) for t in os.listdir(tasks)] if tasks.is_dir() else [0]
-    for tid in threads:
+    for tid in threads:  # this thread among them: the threads it starts later inherit its CPUs
         try:
             os.sched_setaffinity(tid, cpus)
         except ProcessLookupError:  # the thread ended meanwhile
             pass
-    os.sched_setaffinity(0, cpus)  # this thread, whose CPUs the threads it starts inherit
     if "OMP_NUM_THREADS" not in os.environ:
         import faiss
         import torch
