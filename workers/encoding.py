@@ -15,7 +15,7 @@ import torch
 from core.index import pack_codes
 from core.models import sign_codes
 from umcd.settings import Settings
-from workers.imaging import InvalidImage, decode_image
+from workers.imaging import InvalidImage, decode_pixels, to_model
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,13 @@ def store_image(artifacts: str | Path, key: str, data: bytes, suffix: str = ".im
 
 def decode_for_model(data: bytes, settings: Settings, image_size: int) -> np.ndarray:
     """Image bytes -> (3, S, S) float32 in [0, 1] under the worker's limits (raises InvalidImage)."""
-    return decode_image(
+    return to_model(decode_pixels_for_model(data, settings, image_size))
+
+
+def decode_pixels_for_model(data: bytes, settings: Settings, image_size: int) -> np.ndarray:
+    """Image bytes -> (S, S, 3) uint8 (or (3, S, S) float32 for deeper samples) under the worker's limits:
+    :func:`workers.imaging.decode_pixels`, converted to the model input per batch by ``to_model``."""
+    return decode_pixels(
         data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
         min_side=settings.min_image_side, formats=settings.image_formats, size=(image_size, image_size),
     )

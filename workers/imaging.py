@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ class InvalidImage(ValueError):
         self.code = code
 
 
-def _normalise_formats(formats: Iterable[str]) -> list[str]:
+@lru_cache(maxsize=32)
+def _normalise_formats(formats: tuple[str, ...]) -> tuple[str, ...]:
     out = []
     for name in formats:
         upper = name.upper().lstrip(".")
@@ -46,7 +47,7 @@ def _normalise_formats(formats: Iterable[str]) -> list[str]:
             out.append(upper)
     if not out:
         raise ValueError("formats must name at least one image format")
-    return out
+    return tuple(out)
 
 
 def _human_bytes(n: int) -> str:
@@ -87,12 +88,12 @@ def _bomb_warnings_raise() -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
-def _open(data: bytes, formats: list[str], max_pixels: int) -> Image.Image:
+def _open(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image:
     """Image.open (header only, nothing decoded yet) with bombs turned into InvalidImage."""
     Image.MAX_IMAGE_PIXELS = max_pixels
     _bomb_warnings_raise()
     try:
-        return Image.open(io.BytesIO(data), formats=formats)
+        return Image.open(io.BytesIO(data), formats=list(formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"decompression bomb: {exc}", "decompression_bomb") from None
     except UnidentifiedImageError:
@@ -192,6 +193,26 @@ def decode_image(
     samples are scaled by 1/65535 (not clipped). The image is then resized, without keeping the
     aspect ratio, to ``size`` with a Lanczos filter.
     """
+    return to_model(decode_pixels(data, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side,
+                                  formats=formats, size=size))
+
+
+def decode_pixels(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    min_side: int,
+    formats: Sequence[str],
+    size: tuple[int, int] = (32, 32),
+) -> np.ndarray:
+    """:func:`decode_image` (the same policy, errors and pixels) before the conversion to float.
+
+    An image with 8-bit samples (nearly all) comes back as ``(size[1], size[0], 3)`` uint8 RGB, a
+    quarter of the float array's bytes; :func:`to_model` turns it, or a stack of them at once, into
+    what :func:`decode_image` returns. A 16-bit, 32-bit or float image, whose samples uint8 cannot
+    hold, comes back already as the ``(3, size[1], size[0])`` float32 model input.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"image data must be bytes, not {type(data).__name__}", "not_an_image")
     if len(data) == 0:
@@ -202,8 +223,8 @@ def decode_image(
             "too_many_bytes")
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed Pillow globally; truncation must stay an error
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-    fmts = _normalise_formats(formats)
-    im = _open(bytes(data), fmts, max_pixels)
+    fmts = _normalise_formats(tuple(formats))
+    im = _open(data if isinstance(data, bytes) else bytes(data), fmts, max_pixels)
     try:
         _check_geometry(im.size, max_pixels=max_pixels, min_side=min_side)
         if im.format == "JPEG":  # let libjpeg decode at a reduced scale when the target is small
@@ -217,26 +238,35 @@ def decode_image(
             pass
         if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("I", "F"):
             plane = _resize_float(_high_depth_gray(im), size)
-            chw = np.repeat(plane[None, :, :], 3, axis=0)
-        else:
-            try:
-                rgb = _to_rgb8(im)
-                if rgb.size != tuple(size):  # already the model's size: no resampling (and no copy)
-                    rgb = rgb.resize(size, RESAMPLE, reducing_gap=3.0)
-            except InvalidImage:
-                raise
-            except Exception as exc:  # noqa: BLE001 - lazy decoders may fail only now
-                raise InvalidImage(f"corrupt image data ({type(exc).__name__}: {exc})", "corrupt") from None
-            chw = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+            return np.ascontiguousarray(np.repeat(plane[None, :, :], 3, axis=0), dtype=np.float32)
+        try:
+            rgb = _to_rgb8(im)
+            if rgb.size != tuple(size):  # already the model's size: no resampling (and no copy)
+                rgb = rgb.resize(size, RESAMPLE, reducing_gap=3.0)
+            return np.asarray(rgb)
+        except InvalidImage:
+            raise
+        except Exception as exc:  # noqa: BLE001 - lazy decoders may fail only now
+            raise InvalidImage(f"corrupt image data ({type(exc).__name__}: {exc})", "corrupt") from None
     finally:
         im.close()
-    return np.ascontiguousarray(chw, dtype=np.float32)
+
+
+def to_model(images: np.ndarray) -> np.ndarray:
+    """What :func:`decode_pixels` returned -> the model input :func:`decode_image` returns.
+
+    ``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 in [0, 1]; ``(n, H, W, 3)`` uint8 -> ``(n, 3, H, W)``
+    in one vectorised step; a float32 array is returned as it is.
+    """
+    if images.dtype != np.uint8:
+        return images
+    if images.ndim == 3:
+        return to_model(images[None])[0]
+    chw = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(chw)
 
 
 # --------------------------------------------------------------------------- image references
-
-_BASE64_RE = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
-
 
 def _decode_base64(text: Any, max_bytes: int | None) -> bytes:
     if not isinstance(text, str):
@@ -246,9 +276,7 @@ def _decode_base64(text: Any, max_bytes: int | None) -> bytes:
         raise InvalidImage(
             f"image too large: inline base64 of {_human_bytes(len(raw))} exceeds the limit of "
             f"{_human_bytes(max_bytes)} decoded", "too_many_bytes")
-    if len(raw) % 4 or not _BASE64_RE.match(raw):
-        raise InvalidImage("bad image reference: 'inline' is not valid base64", "bad_reference")
-    try:
+    try:  # strict: a character outside the alphabet, or misplaced or missing padding, is an error
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidImage("bad image reference: 'inline' is not valid base64", "bad_reference") from None
@@ -434,13 +462,18 @@ def pixels_to_model(images: np.ndarray, size: tuple[int, int] = (32, 32)) -> np.
     The same numbers :func:`decode_image` gives for an image file of those pixels: gray is
     repeated into RGB, other sizes are resized with the same Lanczos filter, then divided by 255.
     """
+    return to_model(pixels_at_size(images, size))
+
+
+def pixels_at_size(images: np.ndarray, size: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """``(k, H, W, C)`` uint8 (C 1 or 3) -> ``(k, size[1], size[0], 3)`` uint8 RGB: :func:`pixels_to_model`
+    before the conversion to float (what :func:`decode_pixels` gives for an image file of those pixels)."""
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     if images.shape[1:3] != (size[1], size[0]):
         images = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(size, RESAMPLE, reducing_gap=3.0))
                            for im in images])
-    chw = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    return np.ascontiguousarray(chw)
+    return images
 
 
 def pixels_png(image: np.ndarray) -> bytes:

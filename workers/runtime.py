@@ -26,10 +26,10 @@ from db.session import make_engine, session_scope
 from umcd.settings import Settings, export_detector_secret
 from workers import auditwrites, metrics
 from workers.batching import MicroBatcher
-from workers.encoding import decode_for_model, encode_stored, store_image
+from workers.encoding import decode_pixels_for_model, encode_stored, store_image
 from workers.gcfreeze import freeze_long_lived
-from workers.imaging import (InvalidImage, array_ref_source, load_pixel_array, pixels_png, pixels_to_model,
-                             read_array_source, resolve_image_ref)
+from workers.imaging import (InvalidImage, array_ref_source, load_pixel_array, pixels_at_size, pixels_png,
+                             read_array_source, resolve_image_ref, to_model)
 from workers.malloc import keep_freed_memory
 from workers.replica import Replica
 from workers.results import ScreenRequest, detection_result, invalid_result, result_from_verdict
@@ -88,7 +88,8 @@ class ModelState:
 
 @dataclass
 class BatchItem:
-    """One decoded request on its way through the batcher: image (3, S, S) float32 in [0, 1]."""
+    """One decoded request on its way through the batcher: image (S, S, 3) uint8, or (3, S, S) float32 in
+    [0, 1] for an image with deeper samples (``workers.imaging.decode_pixels``); a batch goes to float at once."""
 
     request: ScreenRequest
     image: np.ndarray
@@ -434,7 +435,7 @@ class DetectionRuntime:
             data = resolve_image_ref(image_ref, self.redis, allowed_roots=self.settings.image_roots,
                                      max_bytes=self.settings.max_image_bytes)
             request.image_bytes = len(data)
-            image = decode_for_model(data, self.settings, size)
+            image = decode_pixels_for_model(data, self.settings, size)
         except InvalidImage as exc:
             return self.answer_invalid(request, exc.reason)
         finally:
@@ -473,7 +474,7 @@ class DetectionRuntime:
                 data = resolve_image_ref(ref, self.redis, allowed_roots=self.settings.image_roots,
                                          max_bytes=self.settings.max_image_bytes)
                 request.image_bytes = len(data)
-                decoded.append((i, BatchItem(request, decode_for_model(data, self.settings, size), data)))
+                decoded.append((i, BatchItem(request, decode_pixels_for_model(data, self.settings, size), data)))
             except InvalidImage as exc:
                 outcomes[i] = self._invalid_outcome(request, exc)
             except Exception as exc:  # noqa: BLE001 - e.g. Redis down while reading a redis_key image
@@ -543,7 +544,7 @@ class DetectionRuntime:
                     "bad_reference"))
         if not good:
             return
-        images = pixels_to_model(pixels[[index for _, index in good]], (size, size))
+        images = pixels_at_size(pixels[[index for _, index in good]], (size, size))
         image_bytes = int(np.prod(pixels.shape[1:]))
         for (i, index), image in zip(good, images):
             request = requests[i]
@@ -576,7 +577,7 @@ class DetectionRuntime:
         if state is None:
             return [NoModel("no model loaded") for _ in items]
         cpu = time.thread_time()
-        images = np.stack([self._fit(it.image, state.image_size) for it in items])
+        images = self._model_input([it.image for it in items], state.image_size)
         batch = state.detector.score_batch(torch.from_numpy(images))
         model_s = float(batch.timings.get("model", 0.0))
         search_s = float(batch.timings.get("search", 0.0))
@@ -643,9 +644,17 @@ class DetectionRuntime:
             outcomes.append(outcome)
         return outcomes
 
+    @classmethod
+    def _model_input(cls, images: list[np.ndarray], size: int) -> np.ndarray:
+        """(n, 3, size, size) float32 in [0, 1] of the batch's decoded images: the usual batch, uint8 images all
+        at the model's size, goes to float in one step; otherwise each image on its own."""
+        if all(im.dtype == np.uint8 and im.shape == (size, size, 3) for im in images):
+            return to_model(np.stack(images))
+        return np.stack([cls._fit(to_model(im), size) for im in images])
+
     @staticmethod
     def _fit(image: np.ndarray, size: int) -> np.ndarray:
-        """The image at the served model's size (a model switch between decode and batch may change it)."""
+        """The (3, H, W) image at the served model's size (a model switch between decode and batch may change it)."""
         if image.shape[-1] == size and image.shape[-2] == size:
             return image
         x = torch.nn.functional.interpolate(torch.from_numpy(image)[None], size=(size, size), mode="bilinear",

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.hostile_corpus import CORPUS_LIMITS, CORPUS_NAMES, EXPECTED_CODES, build_hostile_corpus
-from workers.imaging import InvalidImage, decode_image, resolve_image_ref
+from workers.imaging import InvalidImage, decode_image, decode_pixels, resolve_image_ref, to_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,6 +79,39 @@ def test_corpus_file_decodes_to_model_input_or_raises_invalid_image(corpus, name
         assert info.value.reason
         if name in EXPECTED_CODES:
             assert info.value.code == EXPECTED_CODES[name], info.value.reason
+
+
+def test_decode_pixels_is_decode_image_before_its_float_conversion(corpus):
+    """Workers keep 8-bit images as uint8 until their batch goes to float: the numbers must not change."""
+    decoded, deeper = [], []
+    for name, (path, expected) in sorted(corpus.items()):
+        if expected != "valid":
+            continue
+        data = path.read_bytes()
+        pixels = decode_pixels(data, **CORPUS_LIMITS)
+        assert np.array_equal(to_model(pixels), _decode(data)), name
+        if pixels.dtype == np.uint8:
+            assert pixels.shape == (32, 32, 3), name
+            decoded.append(pixels)
+        else:  # 16-bit, 32-bit or float samples: already the model input
+            _assert_model_input(pixels)
+            deeper.append(name)
+    assert len(decoded) >= 12 and "gray16.pgm" in deeper
+    stacked = to_model(np.stack(decoded))  # a batch goes to float in one step, with the same numbers
+    assert stacked.shape == (len(decoded), 3, 32, 32) and stacked.flags.c_contiguous
+    assert np.array_equal(stacked, np.stack([to_model(p) for p in decoded]))
+
+
+@pytest.mark.parametrize("image", [
+    Image.fromarray(np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 200),  # 16-bit gray
+    Image.fromarray(np.tile(np.linspace(0.0, 1.0, 16, dtype=np.float32), (16, 1)), mode="F"),
+])
+def test_decode_pixels_keeps_deeper_samples_as_the_float_model_input(image):
+    data = _png(image, "TIFF" if image.mode == "F" else "PNG")
+    pixels = decode_pixels(data, **CORPUS_LIMITS)
+    _assert_model_input(pixels)  # uint8 would lose what 16-bit and float samples hold
+    assert to_model(pixels) is pixels
+    assert np.array_equal(pixels, _decode(data))
 
 
 def test_header_bomb_is_refused_without_allocating_its_pixels(corpus):

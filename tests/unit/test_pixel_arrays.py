@@ -43,6 +43,25 @@ def test_pixels_give_exactly_what_the_png_of_the_same_pixels_gives(shape, size):
     assert np.array_equal(got, want)
 
 
+def test_a_worker_batch_goes_to_float_in_one_step_with_each_images_own_numbers():
+    """A worker keeps decoded 8-bit images as uint8 and converts its model batch at once."""
+    from workers.runtime import DetectionRuntime
+
+    rng = np.random.default_rng(3)
+    u8 = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
+    batch = DetectionRuntime._model_input(u8, 32)
+    assert batch.shape == (5, 3, 32, 32) and batch.dtype == np.float32 and batch.flags.c_contiguous
+    want = np.stack([decode_image(_file(p), formats=["PNG"], size=(32, 32), **LIMITS) for p in u8])
+    assert np.array_equal(batch, want)
+    # a float image (16-bit samples) and one decoded for an older model's size join the same batch
+    deep = rng.random((3, 32, 32), dtype=np.float32)
+    older = np.full((16, 16, 3), 204, np.uint8)
+    mixed = DetectionRuntime._model_input([u8[0], deep, older], 32)
+    assert mixed.shape == (3, 3, 32, 32) and mixed.dtype == np.float32
+    assert np.array_equal(mixed[0], want[0]) and np.array_equal(mixed[1], deep)
+    assert np.allclose(mixed[2], 0.8, atol=1e-6)
+
+
 def test_an_insertions_png_holds_the_same_pixels():
     for shape in ((9, 12, 3), (16, 10, 1)):
         pixels = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
