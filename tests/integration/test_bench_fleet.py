@@ -65,6 +65,10 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         assert (bracket["before"], bracket["after"]) == (max(by_threads["before"].values()), max(by_threads["after"].values()))
         assert bracket["fleet_cpu_seconds_during_before"]["worker"] <= 0.02  # the workers were stopped meanwhile
         assert bracket["images_per_s"] == pytest.approx((bracket["before"] + bracket["after"]) / 2)
+        threads = max(by_threads["before"])  # the most threads' rate over one thread's, mean of the two sides
+        assert bracket["thread_scaling"] == (pytest.approx(
+            sum(by_threads[side][threads] / by_threads[side][1] for side in ("before", "after")) / 2)
+            if threads > 1 else None)
         assert rows[mode]["ratio_to_in_process"] == pytest.approx(rows[mode]["images_per_s"] / bracket["images_per_s"])
         assert rows[mode]["ratio_to_in_process_start_end"] == pytest.approx(
             rows[mode]["images_per_s"] / rows["in_process_batch16"]["images_per_s"])
@@ -84,6 +88,10 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         assert sum(stages.values()) == pytest.approx(cpu["cpu_seconds"]["worker"], abs=0.01)
         assert cpu["worker_stage_ms_per_image"]["score"] == pytest.approx(
             1e3 * stages["score"] / rows[mode]["images"], rel=1e-3)
+        # scoring's share of all the fleet's CPU per image: the fleet's side of the ratio
+        assert 0 < cpu["score_share"] < 1
+        assert cpu["score_share"] == pytest.approx(cpu["worker_stage_ms_per_image"]["score"] / sum(per_image.values()),
+                                                   rel=1e-2)
     for mode in ("fleet_batch_saturation", "fleet_array_saturation", "fleet_batch_prequeued"):
         assert rows[mode]["cpu"]["worker_stage_cpu_seconds"]["answer"] > 0  # batch messages store their own Results
     memory = result["worker_memory"]

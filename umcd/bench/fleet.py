@@ -190,9 +190,13 @@ def _bracket(before: dict[int, float], after: dict[int, float], idle_cpu: dict) 
     """The in-process rate measured just before and just after a saturation phase (the workers stopped), each
     at the faster of the torch thread counts tried (one count's run can land in a slow spell of the machine)."""
     used = idle_cpu["cpu_seconds"]
+    # how much faster the most torch threads scored than one: the in-process side of the ratio, and on this
+    # shared machine the term that moves it most (1.2x to 2.0x between runs)
+    scaling = [rates[max(rates)] / rates[1] for rates in (before, after) if 1 in rates and max(rates) > 1]
     return {"before": max(before.values()), "after": max(after.values()),
             "images_per_s": statistics.fmean([max(before.values()), max(after.values())]),
             "images_per_s_by_threads": {"before": before, "after": after},
+            "thread_scaling": statistics.fmean(scaling) if scaling else None,
             # the CPU the fleet used while "before" ran (the workers' is 0 when SIGSTOP held them)
             "fleet_cpu_seconds_during_before": {k: used.get(k, 0.0) for k in ("worker", "redis")}}
 
@@ -732,6 +736,12 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             cpu["worker_stage_ms_per_image"] = {k: round(1e3 * v / row["images"], 4)
                                                 for k, v in cpu.get("worker_stage_cpu_seconds", {}).items()}
             cpu["cpu_bound_images_per_s"] = round(1e3 * (cpu["cores"] or 1) / max(sum(per.values()), 1e-9), 1)
+            if "score" in cpu["worker_stage_ms_per_image"]:
+                # the share of all the fleet's CPU per image (workers, producer, Redis) that went to scoring,
+                # the work the in-process rate measures: ratio_to_in_process is about cores_busy * score_share /
+                # in_process_bracket.thread_scaling (README, Performance)
+                cpu["score_share"] = round(1e3 * cpu["worker_stage_cpu_seconds"]["score"] / row["images"]
+                                           / max(sum(per.values()), 1e-9), 4)
     rows = in_rows + rows
 
     fleet_rows = [r for r in rows if r.get("cpu")]
