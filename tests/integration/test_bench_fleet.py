@@ -69,6 +69,8 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         assert bracket["thread_scaling"] == (pytest.approx(
             sum(by_threads[side][threads] / by_threads[side][1] for side in ("before", "after")) / 2)
             if threads > 1 else None)
+        assert bracket["one_thread_ms_per_image"] == pytest.approx(
+            1e3 / ((by_threads["before"][1] + by_threads["after"][1]) / 2))
         assert rows[mode]["ratio_to_in_process"] == pytest.approx(rows[mode]["images_per_s"] / bracket["images_per_s"])
         assert rows[mode]["ratio_to_in_process_start_end"] == pytest.approx(
             rows[mode]["images_per_s"] / rows["in_process_batch16"]["images_per_s"])

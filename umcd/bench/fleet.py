@@ -197,6 +197,9 @@ def _bracket(before: dict[int, float], after: dict[int, float], idle_cpu: dict) 
             "images_per_s": statistics.fmean([max(before.values()), max(after.values())]),
             "images_per_s_by_threads": {"before": before, "after": after},
             "thread_scaling": statistics.fmean(scaling) if scaling else None,
+            # one torch thread's CPU per image in process, to hold against the workers' score stage (one thread each)
+            "one_thread_ms_per_image": (1e3 / statistics.fmean([before[1], after[1]])
+                                        if 1 in before and 1 in after else None),
             # the CPU the fleet used while "before" ran (the workers' is 0 when SIGSTOP held them)
             "fleet_cpu_seconds_during_before": {k: used.get(k, 0.0) for k in ("worker", "redis")}}
 
@@ -738,8 +741,8 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             cpu["cpu_bound_images_per_s"] = round(1e3 * (cpu["cores"] or 1) / max(sum(per.values()), 1e-9), 1)
             if "score" in cpu["worker_stage_ms_per_image"]:
                 # the share of all the fleet's CPU per image (workers, producer, Redis) that went to scoring,
-                # the work the in-process rate measures: ratio_to_in_process is about cores_busy * score_share /
-                # in_process_bracket.thread_scaling (README, Performance)
+                # the work the in-process rate measures: ratio_to_in_process is about cores_busy * score_share *
+                # (in-process one_thread_ms_per_image / the workers' score ms per image) / thread_scaling (README)
                 cpu["score_share"] = round(1e3 * cpu["worker_stage_cpu_seconds"]["score"] / row["images"]
                                            / max(sum(per.values()), 1e-9), 4)
     rows = in_rows + rows
