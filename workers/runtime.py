@@ -519,9 +519,10 @@ class DetectionRuntime:
     def _decode_array(self, source: tuple[str, str], spots: list[tuple[int, int]], requests: list[ScreenRequest],
                       size: int, decoded: list[tuple[int, BatchItem]],
                       outcomes: list[dict | BaseException | None]) -> None:
-        """The images of one pixel array (``{"array": ...}`` ImageRefs): the array is read once, converted
-        in one vectorised step, and each image goes on as a BatchItem (its PNG kept only for insertions,
-        which store their bytes). A bad array answers all its items ``invalid_input``; a bad index, its own."""
+        """The images of one pixel array (``{"array": ...}`` ImageRefs): the array is read once, brought to
+        the model's size in one step (still uint8: its model batch goes to float), and each image goes on as
+        a BatchItem (its PNG kept only for insertions, which store their bytes). A bad array answers all its
+        items ``invalid_input``; a bad index, its own."""
         try:
             blob = read_array_source(*source, self.redis, allowed_roots=self.settings.image_roots)
             pixels = load_pixel_array(blob, max_bytes=self.settings.max_image_bytes,

@@ -63,7 +63,8 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         by_threads = bracket["images_per_s_by_threads"]  # each side at the faster of the thread counts tried
         assert set(by_threads["before"]) == set(by_threads["after"]) == set(result["settings"]["in_process_torch_threads_tried"])
         assert (bracket["before"], bracket["after"]) == (max(by_threads["before"].values()), max(by_threads["after"].values()))
-        assert bracket["fleet_cpu_seconds_during_before"]["worker"] <= 0.02  # the workers were stopped meanwhile
+        # counted from the moment both workers are seen stopped to their release (not the metrics calls around it)
+        assert bracket["fleet_cpu_seconds_during_before"]["worker"] <= 0.01
         assert bracket["images_per_s"] == pytest.approx((bracket["before"] + bracket["after"]) / 2)
         threads = max(by_threads["before"])  # the most threads' rate over one thread's, mean of the two sides
         assert bracket["thread_scaling"] == (pytest.approx(

@@ -33,6 +33,11 @@ def test_workers_are_stopped_inside_the_block_and_continued_after_it_also_on_an_
         used = sum(proc.cpu_times()[:2])
         time.sleep(0.3)
         assert sum(proc.cpu_times()[:2]) - used > 0.05  # running again
+        paused_cpu: dict[str, float] = {}  # what the fleet's processes used inside the block, by kind
+        with _workers_paused(fleet, paused_cpu):
+            time.sleep(0.3)
+        assert set(paused_cpu) == {"worker", "redis"}
+        assert paused_cpu["worker"] <= 0.01  # counted from the moment it is stopped: no CPU at all
     finally:
         for p in (busy, other):
             p.kill()

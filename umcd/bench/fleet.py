@@ -161,23 +161,40 @@ def _in_process_rate(detector, x, seconds: float, threads: int) -> float:
 
 
 @contextmanager
-def _workers_paused(fleet) -> Iterator[None]:
-    """The fleet's detection workers stopped (SIGSTOP) inside the block, continued after it."""
+def _workers_paused(fleet, used: dict[str, float] | None = None) -> Iterator[None]:
+    """The fleet's detection workers stopped (SIGSTOP) inside the block, continued after it.
+
+    ``used``, when given, receives the CPU seconds each kind of the fleet's processes (``worker``,
+    ``redis``, ...) used inside the block: from the moment every worker is seen stopped to the end of it.
+    """
     import psutil
 
-    procs = []
+    services = []
     for record in fleet.read_state().services:
-        if record.kind == "worker":
-            try:
-                procs.append(psutil.Process(record.pid))
-            except psutil.Error:
-                continue
+        try:
+            services.append((record.kind, psutil.Process(record.pid)))
+        except psutil.Error:
+            continue
     paused = []
     try:
-        for proc in procs:
-            proc.suspend()
-            paused.append(proc)
+        for kind, proc in services:
+            if kind == "worker":
+                proc.suspend()
+                paused.append(proc)
+        deadline = time.monotonic() + 1.0  # SIGSTOP lands asynchronously
+        for proc in paused:
+            while time.monotonic() < deadline:
+                try:
+                    if proc.status() == psutil.STATUS_STOPPED:
+                        break
+                except psutil.Error:
+                    break
+                time.sleep(0.001)
+        start = _cpu_by_kind(services)
         yield
+        if used is not None:
+            end = _cpu_by_kind(services)
+            used.update({k: round(v - start.get(k, 0.0), 3) for k, v in end.items()})
     finally:
         for proc in paused:
             try:
@@ -186,10 +203,9 @@ def _workers_paused(fleet) -> Iterator[None]:
                 log.warning("could not continue worker %d", proc.pid)
 
 
-def _bracket(before: dict[int, float], after: dict[int, float], idle_cpu: dict) -> dict:
+def _bracket(before: dict[int, float], after: dict[int, float], paused_cpu: dict[str, float]) -> dict:
     """The in-process rate measured just before and just after a saturation phase (the workers stopped), each
     at the faster of the torch thread counts tried (one count's run can land in a slow spell of the machine)."""
-    used = idle_cpu["cpu_seconds"]
     # how much faster the most torch threads scored than one: the in-process side of the ratio, and on this
     # shared machine the term that moves it most (1.2x to 2.0x between runs)
     scaling = [rates[max(rates)] / rates[1] for rates in (before, after) if 1 in rates and max(rates) > 1]
@@ -200,8 +216,8 @@ def _bracket(before: dict[int, float], after: dict[int, float], idle_cpu: dict) 
             # one torch thread's CPU per image in process, to hold against the workers' score stage (one thread each)
             "one_thread_ms_per_image": (1e3 / statistics.fmean([before[1], after[1]])
                                         if 1 in before and 1 in after else None),
-            # the CPU the fleet used while "before" ran (the workers' is 0 when SIGSTOP held them)
-            "fleet_cpu_seconds_during_before": {k: used.get(k, 0.0) for k in ("worker", "redis")}}
+            # the CPU the fleet used while "before" ran (the workers' is 0: SIGSTOP held them)
+            "fleet_cpu_seconds_during_before": {k: paused_cpu.get(k, 0.0) for k in ("worker", "redis")}}
 
 
 # --------------------------------------------------------------------------- result arrivals
@@ -290,6 +306,18 @@ class ResultListener:
 # --------------------------------------------------------------------------- where the CPU went
 
 
+def _cpu_by_kind(procs: list[tuple[str, object]]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far, summed by kind over ``(kind, psutil.Process)`` pairs."""
+    out: dict[str, float] = {}
+    for kind, proc in procs:
+        try:
+            t = proc.cpu_times()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a process gone mid-phase counts as what it had used
+            continue
+        out[kind] = out.get(kind, 0.0) + t.user + t.system
+    return out
+
+
 class CpuMeter:
     """CPU seconds (user + system) of the fleet's processes and of this (producer) process over a phase.
 
@@ -349,14 +377,7 @@ class CpuMeter:
         return out
 
     def _sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for kind, proc in self.procs:
-            try:
-                t = proc.cpu_times()  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - a process gone mid-phase counts as what it had used
-                continue
-            out[kind] = out.get(kind, 0.0) + t.user + t.system
-        return out
+        return _cpu_by_kind(self.procs)
 
     def stop(self, seconds: float) -> dict:
         end = self._sample()
@@ -588,11 +609,14 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         in_before = _in_process_rows(detector, tensors, batch_sizes, plan.in_process_seconds, thread_options)
         burst_batch = torch.from_numpy(np.resize(tensors, (plan.batch_size, *tensors.shape[1:])).copy())
 
-        def in_process_burst() -> dict[int, float]:
+        def in_process_burst() -> tuple[dict[int, float], dict[str, float]]:
             """The in-process rate right now at each torch thread count, with the detection workers stopped
-            (SIGSTOP) meanwhile: idle, they still poll Redis and the audit store."""
-            with _workers_paused(fleet):
-                return {n: _in_process_rate(detector, burst_batch, plan.bracket_seconds, n) for n in thread_options}
+            (SIGSTOP) meanwhile: idle, they still poll Redis and the audit store. Also the CPU the fleet's
+            processes used meanwhile, by kind."""
+            used: dict[str, float] = {}
+            with _workers_paused(fleet, used):
+                rates = {n: _in_process_rate(detector, burst_batch, plan.bracket_seconds, n) for n in thread_options}
+            return rates, used
 
         threads = max(1, (os.cpu_count() or 1) // plan.workers)
         env = {k: v for k, v in os.environ.items() if not k.startswith("UMCD_")}
@@ -639,11 +663,9 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             prefix = f"{mode}-{tag}-"
             ids = [f"{prefix}{i}" for i in range(n)]
             images = _query_pixels(n) if mode.startswith("fleet_array") else _query_pngs(n)
-            bracket_before = meter_idle = None
+            bracket_before = None
             if load == "saturation":
-                meter_idle = CpuMeter(fleet)
                 bracket_before = in_process_burst()
-                meter_idle = meter_idle.stop(1.0)
             meter = CpuMeter(fleet)
             t_send = time.perf_counter()
             if per_message is None:
@@ -654,7 +676,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             phase = Phase(mode, load, submission, rate, sent, messages, lag, time.perf_counter() - t_send)
             rows.append(_phase_row(phase, listener, client, db_url, prefix, plan.timeout_s, meter, t_send))
             if bracket_before is not None:
-                rows[-1]["in_process_bracket"] = _bracket(bracket_before, in_process_burst(), meter_idle)
+                rows[-1]["in_process_bracket"] = _bracket(bracket_before[0], in_process_burst()[0], bracket_before[1])
 
         # the fleet's own capacity: the same batch load queued while the workers do not consume, then
         # released; the producer's CPU (and its share of the two cores) falls outside the measured span
@@ -667,9 +689,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
             t_send = time.perf_counter()
             sent, messages, _ = _send_batches(client, ids, _query_pngs(len(ids)), plan.message_size, None)
             send_seconds = time.perf_counter() - t_send
-            meter_idle = CpuMeter(fleet)
             bracket_before = in_process_burst()  # the queue is full and nobody consumes it
-            meter_idle = meter_idle.stop(1.0)
             meter = CpuMeter(fleet)
             released = time.perf_counter()
         finally:
@@ -677,7 +697,7 @@ def run_fleet_bench(artifacts: Path, out_dir: Path, *, quick: bool = False,
         phase = Phase(mode, "saturation", f"batch of {plan.message_size}, queued first", None,
                       dict.fromkeys(sent, released), messages, 0.0, send_seconds)
         rows.append(_phase_row(phase, listener, client, db_url, prefix, plan.timeout_s, meter, released))
-        rows[-1]["in_process_bracket"] = _bracket(bracket_before, in_process_burst(), meter_idle)
+        rows[-1]["in_process_bracket"] = _bracket(bracket_before[0], in_process_burst()[0], bracket_before[1])
         rows[-1]["note"] = ("throughput and latency from the moment the workers start consuming a full queue; "
                             "the producer sent everything before (send_seconds)")
 
