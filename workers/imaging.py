@@ -93,7 +93,7 @@ def _open(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image
     Image.MAX_IMAGE_PIXELS = max_pixels
     _bomb_warnings_raise()
     try:
-        return Image.open(io.BytesIO(data), formats=list(formats))
+        return Image.open(io.BytesIO(data), formats=formats)  # Pillow takes a list or a tuple
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"decompression bomb: {exc}", "decompression_bomb") from None
     except UnidentifiedImageError:
