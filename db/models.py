@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from db.contract import REQUEST_ID_LEN, TEXT_LEN
+
 # Named constraints, so that migrations can refer to them on both dialects.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -36,7 +38,6 @@ NAMING_CONVENTION = {
 # SQLite only auto-increments an ``INTEGER PRIMARY KEY``; PostgreSQL gets a 64-bit ``BIGINT``.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 
-REQUEST_ID_LEN = 64
 VERSION_LEN = 64
 KINDS = ("query", "insert")
 VERDICTS = ("benign", "adversarial", "invalid_input")
@@ -148,11 +149,11 @@ class Request(Base):
 
     request_id: Mapped[str] = mapped_column(String(REQUEST_ID_LEN), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
-    client: Mapped[str | None] = mapped_column(String(256))
-    source: Mapped[str | None] = mapped_column(String(256))
-    label: Mapped[int | None] = mapped_column(Integer)
+    client: Mapped[str | None] = mapped_column(String(TEXT_LEN))
+    source: Mapped[str | None] = mapped_column(String(TEXT_LEN))
+    label: Mapped[int | None] = mapped_column(Integer)  # 32-bit: db.contract.LABEL_MIN..LABEL_MAX
     image_bytes: Mapped[int | None] = mapped_column(Integer)  # size of the encoded image, bytes
-    image_ref: Mapped[str | None] = mapped_column(String(16))  # inline | redis_key | path
+    image_ref: Mapped[str | None] = mapped_column(String(16))  # db.contract.IMAGE_REF_KINDS
     submitted_at: Mapped[datetime | None]  # producer clock
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # worker clock
 
@@ -199,7 +200,7 @@ class DbImage(Base):
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_LEN), unique=True)
-    source: Mapped[str | None] = mapped_column(String(256))
+    source: Mapped[str | None] = mapped_column(String(TEXT_LEN))
     label: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="active", index=True)
     reasons: Mapped[list[str]] = mapped_column(JSON, default=list)

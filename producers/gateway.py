@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producers.results import REQUEST_ID_PATTERN, validate_request_id
+from db.contract import metadata_problem
+from producers.results import REQUEST_ID_LEN, REQUEST_ID_PATTERN, validate_request_id
 from producers.sdk import BrokerUnavailable, Client, ImageTooLarge
 from umcd.settings import Settings, get_settings
 
@@ -144,7 +145,7 @@ class BodySizeLimit:
 def _multipart_body(with_insert_fields: bool) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "file": {"type": "string", "format": "binary", "description": "the image (PNG, JPEG, ...)"},
-        "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN,
+        "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN, "maxLength": REQUEST_ID_LEN,
                        "description": "optional client-chosen id; default: a new uuid4 hex"},
     }
     if with_insert_fields:
@@ -154,27 +155,12 @@ def _multipart_body(with_insert_fields: bool) -> dict[str, Any]:
         "schema": {"type": "object", "required": ["file"], "properties": properties}}}}}
 
 
-def _result_from_verdict_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A Result dict (docs/CONTRACTS.md) from an audit-store ``verdicts`` row."""
-    scores = {k: row.get(k) for k in ("c1", "c2", "c3", "combined")}
-    latency = {k: row.get(f"latency_{k}_ms") for k in ("queue", "model", "search", "total")}
-    return {
-        "request_id": row["request_id"], "kind": row["kind"], "verdict": row["verdict"],
-        "reasons": list(row.get("reasons") or []), "fired": list(row.get("fired") or []),
-        "scores": scores if any(v is not None for v in scores.values()) else None,
-        "thresholds": row.get("thresholds"), "topk": row.get("topk"), "image_id": row.get("image_id"),
-        "model_version": row.get("model_version"), "calibration_id": row.get("calibration_id"),
-        "detector": row.get("detector"), "batch_size": row.get("batch_size"),
-        "latency_ms": latency if any(v is not None for v in latency.values()) else None,
-        "worker": row.get("worker"),
-    }
-
-
 def audit_lookup(settings: Settings, request_id: str) -> dict[str, Any] | None:
     """The Result of ``request_id`` from the audit store, or None (no store, no row, or no ``db``)."""
     try:
         from sqlalchemy.engine import make_url
 
+        from db.contract import result_from_verdict
         from db.repo import get_verdict, row_dict
         from db.session import session_scope
     except ImportError:
@@ -186,7 +172,7 @@ def audit_lookup(settings: Settings, request_id: str) -> dict[str, Any] | None:
             return None  # never create an empty audit file from the gateway
     with session_scope(url) as session:
         row = row_dict(get_verdict(session, request_id))
-    return _result_from_verdict_row(row) if row else None
+    return result_from_verdict(row) if row else None  # the Result a worker gives a redelivery
 
 
 def create_app(settings: Settings | None = None, *, client: Client | None = None,
@@ -270,7 +256,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
 
     async def read_upload(request: Request, with_insert_fields: bool) -> dict[str, Any]:
         content_type = request.headers.get("content-type", "")
-        if not content_type.startswith("multipart/form-data"):
+        if not content_type.lower().startswith("multipart/form-data"):  # media types are case-insensitive
             raise HTTPException(status_code=415, detail="send the image as multipart/form-data in field 'file'")
         form = await request.form(max_files=1, max_fields=8, max_part_size=4096)
         try:
@@ -292,8 +278,6 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
                 raise HTTPException(status_code=422, detail=str(exc)) from None
         if with_insert_fields:
             source = form.get("source")
-            if source is not None and (not isinstance(source, str) or len(source) > 256):
-                raise HTTPException(status_code=422, detail="source must be text of at most 256 characters")
             fields["source"] = source or None
             label = form.get("label")
             if label not in (None, ""):
@@ -301,6 +285,9 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
                     fields["label"] = int(label)  # type: ignore[arg-type]
                 except (TypeError, ValueError):
                     raise HTTPException(status_code=422, detail="label must be an integer") from None
+            problem = metadata_problem(source=fields["source"], label=fields.get("label"))
+            if problem is not None:  # what the audit store cannot hold is refused here, not lost on a worker
+                raise HTTPException(status_code=422, detail=problem)
         return fields
 
     async def submit(submit_fn: Callable[..., str], fields: dict[str, Any]) -> JSONResponse:
@@ -330,7 +317,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
 
     @app.get("/v1/requests/{request_id}", summary="A request's status and Result")
     async def get_request(
-        request_id: str = Path(..., pattern=REQUEST_ID_PATTERN, max_length=64),
+        request_id: str = Path(..., pattern=REQUEST_ID_PATTERN, max_length=REQUEST_ID_LEN),
         identity: str = Depends(guard),
     ) -> dict[str, Any]:
         """``status``: pending (queued, or unknown), running, done or failed (the task raised;

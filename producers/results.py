@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: a client-supplied request id: 1 to 64 characters of ``[A-Za-z0-9._:-]``
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
-_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+from db.contract import REQUEST_ID_LEN, REQUEST_ID_PATTERN, request_id_problem  # noqa: F401  (re-exported)
 
 #: verdicts a worker gives, plus ``error`` for a task that failed without a verdict
 VERDICTS = ("benign", "adversarial", "invalid_input", "error")
@@ -21,11 +18,10 @@ def new_request_id() -> str:
 
 
 def validate_request_id(request_id: Any) -> str:
-    """``request_id`` unchanged when valid; ``ValueError`` with the rule otherwise."""
-    if not isinstance(request_id, str) or not _REQUEST_ID_RE.fullmatch(request_id):
-        shown = request_id if isinstance(request_id, str) and len(request_id) <= 80 else type(request_id).__name__
-        raise ValueError(
-            f"invalid request id {shown!r}: use 1 to 64 characters of letters, digits and . _ : -")
+    """``request_id`` unchanged when valid; ``ValueError`` with the rule otherwise (``db.contract``)."""
+    problem = request_id_problem(request_id)
+    if problem is not None:
+        raise ValueError(problem)
     return request_id
 
 

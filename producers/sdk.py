@@ -7,10 +7,13 @@ import logging
 import os
 import sys
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+from db.contract import metadata_problem
 from producers.results import Result, new_request_id, validate_request_id
 from umcd.settings import Settings, get_settings
 
@@ -72,6 +75,10 @@ def pixel_array(images: Any, max_image_bytes: int) -> Any:
     if images.dtype != np.uint8:
         raise ValueError(f"a pixel array must be uint8 (0..255), not {images.dtype}: convert it first, "
                          "e.g. (x * 255).round().clip(0, 255).astype(numpy.uint8) for floats in [0, 1]")
+    if images.ndim == 3 and images.shape[-1] in (1, 3, 4):
+        raise ValueError(f"a pixel array of shape {tuple(images.shape)} reads as {images.shape[0]} gray images "
+                         f"{images.shape[-1]} pixels wide: for one colour image pass a batch of one, "
+                         "image[None] (shape (1, H, W, C))")
     array = images[..., None] if images.ndim == 3 else images
     if array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise ValueError(f"a pixel array must have shape (n, H, W) or (n, H, W, C) with C 1 or 3, "
@@ -90,6 +97,24 @@ class ImageTooLarge(ValueError):
 
 class BrokerUnavailable(RuntimeError):
     """The broker (or its Redis) could not be reached after the retries."""
+
+
+def check_image(image: ImageInput, max_bytes: int) -> None:
+    """What :func:`read_image` would refuse, found without reading: a wrong type, a missing path or
+    directory, more than ``max_bytes``."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        size = len(image) if not isinstance(image, memoryview) else image.nbytes
+        if size > max_bytes:
+            raise ImageTooLarge(f"image of {size} bytes exceeds the limit of {max_bytes} bytes")
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        stat = path.stat()  # FileNotFoundError names the path
+        if not path.is_file():
+            raise IsADirectoryError(f"{path}: not a regular file")
+        if stat.st_size > max_bytes:
+            raise ImageTooLarge(f"{path}: {stat.st_size} bytes exceeds the limit of {max_bytes} bytes")
+    else:
+        raise TypeError(f"image must be bytes or a path, not {type(image).__name__}")
 
 
 def read_image(image: ImageInput, max_bytes: int) -> bytes:
@@ -117,7 +142,7 @@ class Client:
 
     The task id of every message is its request id, so ``wait``/``result`` look Results up by
     request id. Images up to ``settings.inline_image_limit`` bytes travel inline (base64);
-    larger ones are stored in the broker's Redis under ``umcd:img:<request_id>`` for
+    larger ones are stored in the broker's Redis under ``umcd:img:<request_id>:<random>`` for
     ``settings.image_ref_ttl_s`` seconds. Sending retries with back-off while the broker is down
     and raises :class:`BrokerUnavailable` after ``retry_policy`` is exhausted. With no
     ``broker_url``, the embedded broker under ``artifacts`` is started unless one is live there
@@ -153,7 +178,9 @@ class Client:
             return {"inline": base64.b64encode(data).decode("ascii")}
         import redis
 
-        key = f"{IMAGE_KEY_PREFIX}{request_id}"
+        # a key of this message's own: a request id sent again (by this caller or another) never replaces the
+        # image a message still waiting in the queue points to
+        key = f"{IMAGE_KEY_PREFIX}{request_id}:{uuid.uuid4().hex[:16]}"
         try:
             self.redis.set(key, data, ex=self.settings.image_ref_ttl_s)
         except redis.RedisError as exc:
@@ -224,18 +251,26 @@ class Client:
         return rid
 
     @staticmethod
+    def _query_extra(client: str | None) -> dict[str, Any]:
+        """A query's metadata; ``ValueError`` for what the audit store cannot hold (``db.contract``)."""
+        problem = metadata_problem(client=client)
+        if problem is not None:
+            raise ValueError(problem)
+        return {"client": client}
+
+    @staticmethod
     def _insert_extra(source: str | None, label: int | None, client: str | None) -> dict[str, Any]:
-        if source is not None and (not isinstance(source, str) or len(source) > 256):
-            raise ValueError("source must be a string of at most 256 characters")
-        if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-            raise ValueError(f"label must be an integer, not {type(label).__name__}")
+        """An insertion's metadata; ``ValueError`` for what the audit store cannot hold (``db.contract``)."""
+        problem = metadata_problem(client=client, source=source, label=label)
+        if problem is not None:
+            raise ValueError(problem)
         return {"client": client, "source": source, "label": label}
 
     # ------------------------------------------------------------------ submitting
 
     def submit_query(self, image: ImageInput, request_id: str | None = None, client: str | None = None) -> str:
         """Queue a query image on ``detect``; returns its request id."""
-        return self._submit("umcd.detect", image, request_id, {"client": client})
+        return self._submit("umcd.detect", image, request_id, self._query_extra(client))
 
     def submit_insert(self, image: ImageInput, request_id: str | None = None, source: str | None = None,
                       label: int | None = None, client: str | None = None) -> str:
@@ -256,8 +291,14 @@ class Client:
         ``(n, H, W, C)`` (C 1 or 3): it always travels in batch messages, each message's pixels stored
         once in Redis, with no image file to encode or decode (the scores are those of a PNG of the
         same pixels).
+
+        Before anything is sent, every request id is checked (and may be given to one image only), and
+        every image file is checked to exist within ``settings.max_image_bytes``. If sending still stops
+        part way (the broker goes away, a file vanishes), the exception raised has ``sent``: the request
+        ids already queued, whose Results will come.
         """
-        return self._submit_many("umcd.detect", images, request_ids, {"client": client}, on_sent, batch, batch_size)
+        return self._submit_many("umcd.detect", images, request_ids, self._query_extra(client), on_sent, batch,
+                                 batch_size)
 
     def submit_inserts(self, images: Iterable[ImageInput], request_ids: Sequence[str | None] | None = None,
                        source: str | None = None, label: int | None = None, client: str | None = None,
@@ -286,17 +327,36 @@ class Client:
         for rid in ids:  # refuse a bad id before anything is sent
             if rid is not None:
                 validate_request_id(rid)
-        if pixels is not None:
-            return self._submit_array_batches(task, pixels, ids, extra, on_sent, int(batch_size))
-        if batch:
-            return self._submit_batches(task, images, ids, extra, on_sent, int(batch_size))
-        sent = []
-        with self.app.producer_or_acquire() as producer:
-            for index, (image, rid) in enumerate(zip(images, ids)):
-                sent.append(self._submit(task, image, rid, extra, producer))
-                if on_sent is not None:
-                    on_sent(index, sent[-1])
-        return sent
+        repeated = [rid for rid, n in Counter(rid for rid in ids if rid is not None).items() if n > 1]
+        if repeated:  # one id is one request: a second image under it would never be screened
+            raise ValueError(f"request id {repeated[0]!r} is given to more than one image of this submission "
+                             f"({len(repeated)} such ids): each image needs its own id")
+        if pixels is None:  # a missing, unreadable or too large image stops the submission before anything is sent
+            for image in images:
+                check_image(image, self.settings.max_image_bytes)
+        queued: list[str] = []
+
+        def sent_one(index: int, rid: str) -> None:
+            queued.append(rid)
+            if on_sent is not None:
+                on_sent(index, rid)
+
+        try:
+            if pixels is not None:
+                return self._submit_array_batches(task, pixels, ids, extra, sent_one, int(batch_size))
+            if batch:
+                return self._submit_batches(task, images, ids, extra, sent_one, int(batch_size))
+            sent = []
+            with self.app.producer_or_acquire() as producer:
+                for index, (image, rid) in enumerate(zip(images, ids)):
+                    sent.append(self._submit(task, image, rid, extra, producer))
+                    sent_one(index, sent[-1])
+            return sent
+        except Exception as exc:
+            # sending stopped part way (the broker went away, a file vanished): the ids already queued go with
+            # the error, so that the caller can still wait for their verdicts
+            exc.sent = list(queued)  # type: ignore[attr-defined]
+            raise
 
     def _submit_batches(self, task: str, images: list[ImageInput], ids: list[str | None], extra: dict[str, Any],
                         on_sent: Callable[[int, str], None] | None, batch_size: int) -> list[str]:

@@ -9,6 +9,8 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -517,3 +519,34 @@ class SteadyLoad(threading.Thread):
             self.error = exc
         finally:
             self.finished_at = time.monotonic()
+
+
+@contextmanager
+def untrained_runtime(tmp_path: Path, monkeypatch, **overrides) -> Iterator:
+    """A started DetectionRuntime over an untrained 16-bit model published to SQLite in ``tmp_path`` (no
+    servers; its Redis URL is never used), with ``overrides`` of its Settings."""
+    import sys
+
+    from core.checkpoint import save_untrained_checkpoint
+    from db.migrate import upgrade
+    from db.session import dispose_engine
+    from umcd.settings import Settings
+    from workers import runtime as runtime_module
+    from workers.publish import publish
+
+    checkpoint = save_untrained_checkpoint(tmp_path / "untrained.safetensors", 16)
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    upgrade(url)
+    options = {"batch_max_size": 1, "batch_max_wait_ms": 0, **overrides}
+    settings = Settings(artifacts=tmp_path, database_url=url, broker_url="redis://unused", bits=16, device="cpu",
+                        **options)
+    publish(checkpoint, settings=settings, seed_fraction=0.5)
+    monkeypatch.setattr(runtime_module.metrics, "serve", lambda port: None)
+    switch = sys.getswitchinterval()
+    runtime = runtime_module.DetectionRuntime(settings).start()
+    try:
+        yield runtime
+    finally:
+        runtime.stop()
+        sys.setswitchinterval(switch)
+        dispose_engine(url)

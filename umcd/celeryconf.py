@@ -177,7 +177,7 @@ def redis_from_url(url: str, *, retries: int = 5, socket_timeout_s: float = 10.0
 
     Understands ``redis://``, ``rediss://``, ``unix://`` and kombu's ``redis+socket:///path``
     (the embedded broker); with several ``;``-separated broker URLs, the first is used.
-    Producers store large images here and workers read them back (``umcd:img:<request_id>``).
+    Producers store large images here and workers read them back (``umcd:img:<request_id>:<16 hex>``).
     """
     import redis
     from redis.backoff import ExponentialBackoff

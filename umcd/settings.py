@@ -80,18 +80,19 @@ class Settings(BaseSettings):
     image_roots: tuple[Path, ...] = (Path("/shared"),)  # directories an ImageRef {"path": ...} may point into
 
     # image input limits
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-    min_image_side: int = 8
+    max_image_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+    min_image_side: int = Field(8, ge=1)
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM")
-    inline_image_limit: int = 256 * 1024
-    image_ref_ttl_s: int = 3600
+    inline_image_limit: int = Field(256 * 1024, ge=0)
+    #: seconds an image or pixel array stored in Redis for a worker lives (Redis refuses an expiry of 0)
+    image_ref_ttl_s: int = Field(3600, gt=0)
 
     # gateway
     api_key: SecretStr | None = None
-    rate_limit_per_minute: int = 600
+    rate_limit_per_minute: int = Field(600, gt=0)
     gateway_host: str = "127.0.0.1"
-    gateway_port: int = 8000
+    gateway_port: int = Field(8000, ge=0, le=65535)
 
     # monitoring
     metrics_port: int = 0  # 0: no Prometheus endpoint in this process

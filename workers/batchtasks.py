@@ -10,18 +10,12 @@ import weakref
 from collections import Counter
 from typing import Any
 
+from db.contract import valid_request_id
+
 log = logging.getLogger(__name__)
 
 #: images one batch message may carry (more fail as a whole: split them on the producer side)
 MAX_BATCH_ITEMS = 1024
-#: the request id rule of producers.results (workers do not import producers)
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
-
-def valid_request_id(value: Any) -> bool:
-    """Whether ``value`` is a request id a client may send: 1 to 64 of ``[A-Za-z0-9._:-]``."""
-    return isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value) is not None
-
 
 #: stores a batch's Results in one command: each one SET (with the backend's expiry, ARGV[1] seconds, 0 for
 #: none) and PUBLISHed on its key, in order, as Celery's Redis backend stores one task's state
@@ -145,7 +139,7 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     from workers import metrics
     from workers.results import ScreenRequest
     from workers.runtime import NoModel, get_runtime
-    from workers.tasks import (NO_MODEL_COUNTDOWN_S, NO_MODEL_MAX_RETRIES, TRANSIENT_MAX_RETRIES, _as_epoch,
+    from workers.tasks import (NO_MODEL_COUNTDOWN_S, NO_MODEL_MAX_RETRIES, TRANSIENT_MAX_RETRIES,
                                backoff_s, transient_errors)
 
     if not isinstance(items, list):
@@ -168,16 +162,9 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
 
     runtime = get_runtime(broker_url=task.app.conf.broker_url)
     worker = task.request.hostname or "unknown"
-    when = _as_epoch(submitted_at)
     requests = [
-        ScreenRequest(
-            request_id=it["request_id"], kind=kind, worker=worker, submitted_at=when,
-            client=client if isinstance(client, str) else None,
-            source=source if isinstance(source, str) else None,
-            label=label if isinstance(label, int) and not isinstance(label, bool) else None,
-            image_ref=next(iter(it.get("image")), None) if isinstance(it.get("image"), dict)
-            and len(it["image"]) == 1 else None,
-        )
+        ScreenRequest.from_message(request_id=it["request_id"], kind=kind, worker=worker, image=it.get("image"),
+                                   submitted_at=submitted_at, client=client, source=source, label=label)
         for it in good
     ]
     outcomes = runtime.handle_many(requests, [it.get("image") for it in good])

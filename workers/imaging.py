@@ -28,7 +28,7 @@ class InvalidImage(ValueError):
 
     ``code`` is a short stable slug (``empty``, ``too_many_bytes``, ``not_an_image``,
     ``truncated``, ``decompression_bomb``, ``too_small``, ``corrupt``, ``unsupported_mode``,
-    ``bad_reference``) for metrics and audit rows.
+    ``bad_reference``, ``bad_request``: the message's own fields) for metrics and audit rows.
     """
 
     def __init__(self, reason: str, code: str = "invalid") -> None:

@@ -83,14 +83,17 @@ def sweep(redis: Any, app: Any, after_s: float, *, now: float | None = None, lim
             continue
         try:
             message = json.loads(raw)
-            options = {"queue": message["queue"]} if message.get("queue") else {}
-            # refresh first (XX: an entry struck off meanwhile stays off), then send
-            redis.zadd(LEDGER_KEY, {tid: now}, xx=True)
-            app.send_task(message["task"], kwargs=message["kwargs"], task_id=tid, **options)
-        except (ValueError, KeyError, TypeError) as exc:
+            if not (isinstance(message, dict) and isinstance(message.get("task"), str)
+                    and isinstance(message.get("kwargs"), dict)):
+                raise ValueError("not an object with a task name and its kwargs")
+        except ValueError as exc:  # one bad entry is dropped; it must not stop the sweep for the others
             log.error("ledger entry %s is unreadable (%s); dropping it", tid, exc)
             expired.append(tid)
             continue
+        options = {"queue": message["queue"]} if isinstance(message.get("queue"), str) and message["queue"] else {}
+        # refresh first (XX: an entry struck off meanwhile stays off), then send
+        redis.zadd(LEDGER_KEY, {tid: now}, xx=True)
+        app.send_task(message["task"], kwargs=message["kwargs"], task_id=tid, **options)
         sent.append(tid)
     if expired:
         redis.zrem(LEDGER_KEY, *expired)

@@ -6,6 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from db.contract import IMAGE_REF_KINDS, TEXT_LEN, as_epoch, metadata_problem
+from db.contract import result_from_verdict as result_from_verdict  # noqa: PLC0414  (re-exported)
+
 #: what each criterion measures, for the reasons of a rejection
 CRITERION_WORDS = {
     "c1": "mean Hamming distance to the top-k codes",
@@ -31,8 +34,28 @@ class ScreenRequest:
     client: str | None = None
     source: str | None = None
     label: int | None = None
-    image_ref: str | None = None  # inline | redis_key | path
+    image_ref: str | None = None  # inline | redis_key | path | array
     image_bytes: int | None = None
+    #: why the message's own fields (not its image) cannot be accepted; the request is answered
+    #: ``invalid_input`` with it, and the fields it names are not stored
+    problem: str | None = None
+
+    @classmethod
+    def from_message(cls, *, request_id: str, kind: str, worker: str, image: Any, submitted_at: Any = None,
+                     client: Any = None, source: Any = None, label: Any = None) -> ScreenRequest:
+        """The request a task message describes, its fields made storable: a field the audit store cannot hold
+        (``db.contract``: text over 256 characters, a label outside 32 bits, a wrong type) is left out and named
+        in ``problem``; a ``submitted_at`` that is no storable time becomes unknown (None)."""
+        problem = metadata_problem(client=client, source=source, label=label)
+        if problem is not None:
+            keep = lambda v, ok: v if ok else None  # noqa: E731
+            client = keep(client, isinstance(client, str) and len(client) <= TEXT_LEN)
+            source = keep(source, isinstance(source, str) and len(source) <= TEXT_LEN)
+            label = keep(label, metadata_problem(label=label) is None)
+        ref = next(iter(image), None) if isinstance(image, dict) and len(image) == 1 else None
+        return cls(request_id=request_id, kind=kind, worker=worker[:TEXT_LEN], submitted_at=as_epoch(submitted_at),
+                   client=client, source=source, label=label,
+                   image_ref=ref if ref in IMAGE_REF_KINDS else None, problem=problem)
 
     @property
     def queue(self) -> str:
@@ -140,29 +163,4 @@ def invalid_result(request: ScreenRequest, reason: str, *, detector: str,
         "latency_ms": {"queue": round(request.queue_ms, 3), "model": 0.0, "search": 0.0,
                        "total": round(request.total_ms(), 3)},
         "worker": request.worker,
-    }
-
-
-def result_from_verdict(row: dict[str, Any]) -> dict[str, Any]:
-    """The Result of a stored ``verdicts`` row (``db.repo.row_dict``): what a redelivered request returns."""
-    scores = None
-    if row.get("c1") is not None or row.get("combined") is not None:
-        scores = {k: row.get(k) for k in ("c1", "c2", "c3", "combined") if row.get(k) is not None}
-    benign = row["verdict"] == "benign"
-    return {
-        "request_id": row["request_id"],
-        "kind": row["kind"],
-        "verdict": row["verdict"],
-        "reasons": list(row.get("reasons") or []),
-        "fired": list(row.get("fired") or []),
-        "scores": scores,
-        "thresholds": row.get("thresholds"),
-        "topk": row.get("topk") if benign else None,
-        "image_id": row.get("image_id"),
-        "model_version": row.get("model_version"),
-        "calibration_id": row.get("calibration_id"),
-        "detector": row.get("detector"),
-        "batch_size": row.get("batch_size") or 0,
-        "latency_ms": {k: row.get(f"latency_{k}_ms") for k in ("queue", "model", "search", "total")},
-        "worker": row.get("worker"),
     }

@@ -428,6 +428,8 @@ class DetectionRuntime:
         the batcher. Raises NoModel when no model is published yet, and lets audit-store and Redis
         errors through (the task retries them).
         """
+        if request.problem is not None:  # the message's own fields are bad: answered before its image is read
+            return self.answer_invalid(request, request.problem)
         state = self._state
         size = state.image_size if state is not None else DEFAULT_IMAGE_SIZE
         cpu = time.thread_time()
@@ -467,6 +469,8 @@ class DetectionRuntime:
         cpu = time.thread_time()
         for i, (request, ref) in enumerate(zip(requests, image_refs)):
             try:
+                if request.problem is not None:
+                    raise InvalidImage(request.problem, "bad_request")
                 spot = array_ref_source(ref)
                 if spot is not None:
                     in_arrays.setdefault(spot[:2], []).append((i, spot[2]))
@@ -698,7 +702,13 @@ class DetectionRuntime:
                 req = item.request
                 if req.kind != "insert":
                     continue
-                image_path = result.pop("_image_path", None)
+                image_path = result.get("_image_path")  # taken off the Result after the commit (a failed
+                # batch is written again one request at a time, with the same Results)
+                if repo.get_verdict(s, req.request_id) is not None:
+                    # answered before (a redelivery, or an id sent again): that verdict stands, and an image
+                    # never joins the database without a verdict of its own
+                    duplicates.append(req.request_id)
+                    continue
                 repo.record_request(s, **req.request_fields())
                 benign = result["verdict"] == "benign"
                 image_id = repo.insert_database_image(
@@ -720,6 +730,8 @@ class DetectionRuntime:
                 out[req.request_id] = result
             for rid in duplicates:
                 out[rid] = result_from_verdict(repo.row_dict(repo.get_verdict(s, rid)))
+        for result in out.values():  # committed: the path is in its row, never in a client's Result
+            result.pop("_image_path", None)
         for image_id, code in local_adds:
             state.replica.add_local(image_id, code)
         return out

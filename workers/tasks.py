@@ -40,37 +40,21 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _as_epoch(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        from db.repo import as_datetime
-
-        try:
-            dt = as_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return dt.timestamp() if dt is not None else None
-
-
 def _screen(task, kind: str, request_id: str, image: Any, client: str | None, submitted_at: Any,
             source: str | None = None, label: Any = None) -> dict:
     import sqlalchemy.exc
 
+    from db.contract import request_id_problem
     from workers.results import ScreenRequest
     from workers.runtime import NoModel, get_runtime
 
+    problem = request_id_problem(request_id)
+    if problem is not None:  # no verdict row can be keyed by it: the task fails with the reason
+        raise ValueError(problem)
     runtime = get_runtime(broker_url=task.app.conf.broker_url)
-    request = ScreenRequest(
-        request_id=request_id, kind=kind, worker=task.request.hostname or "unknown",
-        submitted_at=_as_epoch(submitted_at), client=client if isinstance(client, str) else None,
-        source=source if isinstance(source, str) else None,
-        label=label if isinstance(label, int) and not isinstance(label, bool) else None,
-        image_ref=next(iter(image), None) if isinstance(image, dict) and len(image) == 1 else None,
+    request = ScreenRequest.from_message(
+        request_id=request_id, kind=kind, worker=task.request.hostname or "unknown", image=image,
+        submitted_at=submitted_at, client=client, source=source, label=label,
     )
     try:
         return runtime.handle(request, image)

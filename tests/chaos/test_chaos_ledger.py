@@ -90,6 +90,19 @@ def test_struck_and_expired_entries_are_never_resent(client, broker):
     assert ledger.listed(r) == {} and _queued(r, "detect") == []
 
 
+@pytest.mark.parametrize("payload", [b"[1, 2]", b"null", b'"text"', b'{"task": 7, "kwargs": {}}',
+                                     b'{"task": "umcd.detect", "kwargs": []}', b"\xff not json"])
+def test_an_unreadable_entry_is_dropped_and_the_sweep_still_resends_the_others(client, broker, payload):
+    _, r = broker
+    lost = client.submit_query(b"lost")
+    r.delete("detect")
+    r.set(ledger.PAYLOAD_PREFIX + "broken", payload)
+    r.zadd(ledger.LEDGER_KEY, {"broken": 1.0, lost: 2.0})  # the bad one is the oldest: swept first
+    assert ledger.sweep(r, client.app, after_s=60) == [lost]
+    assert [m["headers"]["id"] for m in _queued(r, "detect")] == [lost]
+    assert set(ledger.listed(r)) == {lost}
+
+
 def test_one_worker_at_a_time_sweeps(client, broker):
     _, r = broker
     rid = client.submit_query(b"x")

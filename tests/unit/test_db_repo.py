@@ -560,6 +560,22 @@ def test_audit_cli_explains_a_missing_or_unmigrated_store(cli, tmp_path):
     dispose_engine(f"sqlite:///{empty}")
 
 
+def test_audit_cli_refuses_an_unknown_kind(cli, url, engine):
+    fill_store(engine)
+    for command in ("last", "rejections"):
+        out = cli("audit", command, "--kind", "queries", "--url", url)
+        assert out.exit_code == 2 and "use query or insert" in out.stderr, (command, out.stderr)
+    assert cli("audit", "last", "--kind", "insert", "--json", "--url", url).exit_code == 0
+
+
+def test_db_current_on_a_missing_sqlite_file_says_so_and_creates_nothing(cli, tmp_path):
+    path = tmp_path / "none.db"
+    out = cli("db", "current", "--url", f"sqlite:///{path}")
+    assert out.exit_code == 0 and "no audit store yet" in out.stdout
+    assert not path.exists()
+    assert cli("audit", "last", "--url", f"sqlite:///{path}").exit_code == 1  # still "no audit store", not "no tables"
+
+
 def test_db_upgrade_command_migrates_a_fresh_store(cli, tmp_path):
     u = f"sqlite:///{tmp_path / 'new' / 'audit.db'}"
     out = cli("db", "upgrade", "--url", u)

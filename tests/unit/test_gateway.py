@@ -139,9 +139,10 @@ def test_image_over_the_inline_limit_travels_by_redis_key_with_a_ttl(make_gatewa
     assert response.status_code == 202
     _, r = broker
     (message,) = _queued(r, "detect")
-    assert _kwargs(message)["image"] == {"redis_key": "umcd:img:big-1"}
-    assert r.get("umcd:img:big-1") == image
-    assert 0 < r.ttl("umcd:img:big-1") <= 120
+    key = _kwargs(message)["image"]["redis_key"]
+    assert key.startswith("umcd:img:big-1:") and len(key) == len("umcd:img:big-1:") + 16  # the message's own key
+    assert r.get(key) == image
+    assert 0 < r.ttl(key) <= 120
 
 
 # --------------------------------------------------------------------------- size cap
@@ -348,6 +349,58 @@ def test_a_request_the_result_backend_forgot_is_read_from_the_audit_store(make_g
     assert answer["status"] == "done" and answer["source"] == "audit"
     assert answer["result"] == result
     assert gateway.get("/v1/requests/never-1").json()["status"] == "pending"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_audit_store_fallback_gives_no_neighbours_of_a_rejected_request(make_gateway, db_url):
+    """The row keeps the top-k of rejections for the audit; a client gets them only for a benign verdict,
+    from the audit store as from the worker."""
+    from db.repo import verdict_fields_from_result, write_verdict
+    from db.session import session_scope
+
+    rejected = {"request_id": "adv-1", "kind": "query", "verdict": "adversarial", "reasons": ["c1 fired"],
+                "fired": ["c1"], "scores": {"c1": 30.0, "c2": 0.7, "c3": 1.5, "combined": 2.5},
+                "thresholds": {"c1": 10.0, "c2": 0.5, "c3": 4.0}, "topk": {"ids": [11, 22], "distances": [9, 9]},
+                "image_id": None, "model_version": "m2", "calibration_id": 3, "detector": "umcd", "batch_size": 8,
+                "latency_ms": {"queue": 1.0, "model": 2.0, "search": 0.5, "total": 4.0}, "worker": "w2"}
+    with session_scope(db_url) as session:
+        write_verdict(session, **verdict_fields_from_result(rejected))
+    gateway, _ = make_gateway(database_url=db_url)
+    answer = gateway.get("/v1/requests/adv-1").json()
+    assert answer["source"] == "audit" and answer["result"]["verdict"] == "adversarial"
+    assert answer["result"]["topk"] is None
+    assert answer["result"] == {**rejected, "topk": None}
+
+
+def test_metadata_the_audit_store_cannot_hold_is_refused_with_422_before_sending(make_gateway, broker):
+    gateway, _ = make_gateway()
+    image = _png(16)
+    for data, word in (({"label": str(2**31)}, "label"), ({"label": "-99999999999999999999"}, "label"),
+                       ({"source": "s" * 257}, "source")):
+        response = gateway.post("/v1/insert", files={"file": ("a.png", image, "image/png")}, data=data)
+        assert response.status_code == 422 and word in response.json()["detail"], response.text
+    assert gateway.post("/v1/insert", files={"file": ("a.png", image, "image/png")},
+                        data={"label": str(2**31 - 1)}).status_code == 202
+    _, r = broker
+    assert len(_queued(r, "screen")) == 1  # only the last one was sent
+
+
+def test_a_request_id_of_dots_alone_is_refused(make_gateway):
+    gateway, _ = make_gateway()
+    for rid in (".", "..", "..."):
+        response = gateway.post("/v1/query", files={"file": ("a.png", _png(16), "image/png")},
+                                data={"request_id": rid})
+        assert response.status_code == 422 and "not only dots" in response.json()["detail"]
+    assert gateway.post("/v1/query", files={"file": ("a.png", _png(16), "image/png")},
+                        data={"request_id": ".a."}).status_code == 202
+
+
+def test_the_multipart_media_type_is_matched_without_regard_to_case(make_gateway):
+    gateway, _ = make_gateway()
+    request = gateway.build_request("POST", "/v1/query", files={"file": ("a.png", _png(16), "image/png")})
+    content_type = request.headers["content-type"].replace("multipart/form-data", "Multipart/Form-Data")
+    response = gateway.post("/v1/query", content=request.read(), headers={"content-type": content_type})
+    assert response.status_code == 202, response.text
 
 
 def test_a_missing_sqlite_audit_store_is_not_created_by_status_reads(make_gateway, tmp_path):

@@ -9,35 +9,15 @@ import time
 import numpy as np
 import pytest
 
-from tests.fleet_helpers import png
+from tests.fleet_helpers import png, untrained_runtime
 from tests.servers import wait_until
 
 
 @pytest.fixture()
 def runtime(tmp_path, monkeypatch):
     """A started DetectionRuntime over an untrained 16-bit model published to SQLite (no servers)."""
-    from core.checkpoint import save_untrained_checkpoint
-    from db.migrate import upgrade
-    from db.session import dispose_engine
-    from umcd.settings import Settings
-    from workers import runtime as runtime_module
-    from workers.publish import publish
-
-    checkpoint = save_untrained_checkpoint(tmp_path / "untrained.safetensors", 16)
-    url = f"sqlite:///{tmp_path / 'audit.db'}"
-    upgrade(url)
-    settings = Settings(artifacts=tmp_path, database_url=url, broker_url="redis://unused", bits=16, device="cpu",
-                        batch_max_size=1, batch_max_wait_ms=0)
-    publish(checkpoint, settings=settings, seed_fraction=0.5)
-    monkeypatch.setattr(runtime_module.metrics, "serve", lambda port: None)
-    switch = __import__("sys").getswitchinterval()
-    rt = runtime_module.DetectionRuntime(settings).start()
-    try:
+    with untrained_runtime(tmp_path, monkeypatch) as rt:
         yield rt
-    finally:
-        rt.stop()
-        __import__("sys").setswitchinterval(switch)
-        dispose_engine(url)
 
 
 def _png(seed: int) -> dict:

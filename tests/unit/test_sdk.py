@@ -147,7 +147,15 @@ def test_large_image_travels_by_redis_key_with_a_ttl(sdk):
     result = _wait_one(sdk, rid)
     assert result.raw["ref_kind"] == "redis_key"
     assert result.raw["sha256"] == hashlib.sha256(image).hexdigest()
-    assert 0 < sdk.redis.ttl(f"umcd:img:{rid}") <= 300
+    keys = sdk.redis.keys(f"umcd:img:{rid}:*")  # a key of the message's own: umcd:img:<request id>:<random>
+    assert len(keys) == 1 and 0 < sdk.redis.ttl(keys[0]) <= 300
+
+
+def test_a_request_id_sent_again_never_replaces_the_stored_image_of_the_first(sdk):
+    first, second = _png(64, seed=1), _png(64, seed=2)
+    refs = [sdk.image_ref("same-id", data)["redis_key"] for data in (first, second)]
+    assert refs[0] != refs[1] and all(ref.startswith("umcd:img:same-id:") for ref in refs)
+    assert [sdk.redis.get(ref) for ref in refs] == [first, second]
 
 
 def test_insert_from_a_path_carries_source_label_and_client(sdk, tmp_path):
@@ -201,13 +209,14 @@ def test_wait_returns_only_finished_requests_at_the_timeout(sdk):
 # --------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("bad", ["", "x" * 65, "white space", "semi;colon", "slash/x", "é", 12, None])
+@pytest.mark.parametrize("bad", ["", "x" * 65, "white space", "semi;colon", "slash/x", "é", 12, None, ".", "..",
+                                 "....", "x\n"])
 def test_invalid_request_ids_are_refused(bad):
     with pytest.raises(ValueError, match="invalid request id"):
         validate_request_id(bad)
 
 
-@pytest.mark.parametrize("good", ["a", "x" * 64, "A-b_c.d:e", new_request_id()])
+@pytest.mark.parametrize("good", ["a", "x" * 64, "A-b_c.d:e", new_request_id(), ".a", "..x..", "-", "." * 63 + "x"])
 def test_valid_request_ids_pass_unchanged(good):
     assert validate_request_id(good) == good
 

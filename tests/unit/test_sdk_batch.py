@@ -191,6 +191,7 @@ def test_a_pixel_array_travels_as_one_npy_per_message_with_items_pointing_into_i
     (np.zeros((8, 8), np.uint8), ValueError, "must have shape"),
     (np.zeros((0, 8, 8), np.uint8), ValueError, "holds no image"),
     (np.zeros((1, 1024, 1024, 3), np.uint8), ValueError, "exceed the limit"),  # ImageTooLarge
+    (np.zeros((32, 32, 3), np.uint8), ValueError, r"image\[None\]"),  # one colour image, not 32 gray ones
 ])
 def test_bad_pixel_arrays_are_refused_before_anything_is_sent(broker, pixels, error, words):
     client, raw = broker
@@ -237,6 +238,51 @@ def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_
     assert np.array_equal(stored, pixels)
 
 
+def test_umcd_submit_lists_what_it_queued_before_the_broker_went_away(broker, tmp_path, monkeypatch):
+    """Exit code 3, and the request ids already queued are printed: their verdicts will still come."""
+    import typer
+    from typer.testing import CliRunner
+
+    from producers import sdk
+    from umcd.commands import submit
+    from umcd.settings import get_settings
+
+    client, raw = broker
+    app = typer.Typer()
+    submit.register(app)
+    for key, value in {"UMCD_BROKER_URL": client.settings.broker_url, "UMCD_RESULT_BACKEND": client.settings.broker_url,
+                       "UMCD_ARTIFACTS": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(_png(16, i))
+    real = sdk.Client.submit_query
+    calls = []
+
+    def submit_query(self, image, *args, **kwargs):
+        calls.append(image)
+        if len(calls) == 3:
+            raise sdk.BrokerUnavailable("could not send umcd.detect: connection refused")
+        return real(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(sdk.Client, "submit_query", submit_query)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["submit", "query", *map(str, paths), "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 3, result.output
+    said = " ".join(result.stderr.split())  # rich wraps long lines
+    assert "broker unavailable" in said and "2 image(s) were queued before" in said
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    assert [r["path"] for r in rows] == list(map(str, paths)) and len(calls) == 3  # the fourth was not tried
+    sent = [r["request_id"] for r in rows[:2]]
+    assert all(sent) and [r["request_id"] for r in rows[2:]] == [None, None]
+    assert all("broker unavailable" in r["error"] for r in rows[2:])
+    assert [m["id"] for m in _queued(raw, "detect")] == sent
+
+
 def test_a_finished_message_deletes_only_the_image_keys_its_items_point_to(broker):
     from types import SimpleNamespace
 
@@ -254,3 +300,72 @@ def test_a_finished_message_deletes_only_the_image_keys_its_items_point_to(broke
              {"request_id": "g", "image": {"array": {"redis_key": "umcd:img:m2", "index": 0}}}]
     assert release_arrays(SimpleNamespace(redis=raw), items) == 2
     assert sorted(k.decode() for k in raw.scan_iter("*")) == ["celery-task-meta-m1", "umcd:img:other"]
+
+
+# --------------------------------------------------------------------------- refused before sending, or sent in part
+
+
+def test_metadata_the_audit_store_cannot_hold_is_refused_before_anything_is_sent(broker):
+    client, raw = broker
+    image = _png(16)
+    for call, words in (
+        (lambda: client.submit_insert(image, label=2**31), "label 2147483648 is outside"),
+        (lambda: client.submit_inserts([image], label=-(2**31) - 1, batch=True), "outside"),
+        (lambda: client.submit_query(image, client="c" * 257), "client must be text of at most 256"),
+        (lambda: client.submit_queries(np.zeros((2, 8, 8), np.uint8), client="c" * 300), "client"),
+        (lambda: client.submit_inserts([image], source=7), "source must be text"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ValueError, match=words):
+            call()
+    assert raw.dbsize() == 0
+    client.submit_insert(image, label=2**31 - 1, client="c" * 256, source="s" * 256)  # the limits themselves pass
+    assert len(_queued(raw, "screen")) == 1
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_request_id_given_to_two_images_is_refused_before_anything_is_sent(broker, batch):
+    client, raw = broker
+    with pytest.raises(ValueError, match="'twice' is given to more than one image"):
+        client.submit_queries([_png(16, 1), _png(16, 2), _png(16, 3)], request_ids=["twice", "once", "twice"],
+                              batch=batch)
+    assert raw.dbsize() == 0
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_missing_or_too_large_file_is_found_before_anything_is_sent(broker, tmp_path, batch):
+    client, raw = broker
+    good = tmp_path / "good.png"
+    good.write_bytes(_png(16))
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (512 * 1024 + 1))
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        client.submit_queries([good, tmp_path / "missing.png"], batch=batch)
+    with pytest.raises(ValueError, match="exceeds the limit"):  # ImageTooLarge
+        client.submit_queries([good, big], batch=batch)
+    with pytest.raises(IsADirectoryError):
+        client.submit_queries([good, tmp_path], batch=batch)
+    assert raw.dbsize() == 0
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_submission_stopped_part_way_names_the_request_ids_already_queued(broker, tmp_path, batch):
+    """A file that vanishes after the checks stops the sending; the ids queued before it go with the error."""
+    client, raw = broker
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(_png(16, i))
+    ids = [f"part-{i}" for i in range(5)]
+    seen: list[str] = []
+
+    def vanish(index: int, rid: str) -> None:  # after the second image is queued, the fourth file goes away
+        seen.append(rid)
+        if index == 1:
+            paths[3].unlink()
+
+    with pytest.raises(FileNotFoundError) as caught:
+        client.submit_queries(paths, request_ids=ids, on_sent=vanish, batch=batch, batch_size=2)
+    queued = [item["request_id"] for m in _queued(raw, "detect")
+              for item in (m["kwargs"]["items"] if batch else [m["kwargs"]])]
+    assert caught.value.sent == seen == queued
+    assert queued == (ids[:2] if batch else ids[:3])  # batches of two: the second batch never left

@@ -59,17 +59,33 @@ def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, default=_json_default, indent=2, sort_keys=True))
 
 
+def _missing_file(url: str) -> bool:
+    """Whether ``url`` is an SQLite file that does not exist (opening it would create an empty one)."""
+    from db.session import normalize_url
+
+    parsed = normalize_url(url)
+    return (parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+            and not Path(parsed.database).expanduser().exists())
+
+
+def _check_kind(value: str | None) -> str | None:
+    if value is not None and value not in ("query", "insert"):
+        raise typer.BadParameter(f"{value!r}: use query or insert")
+    return value
+
+
+KIND_OPTION = typer.Option(None, help="only query or insert", callback=_check_kind)
+
+
 def _read(url: str | None, fn):
     """Run ``fn(session)`` against the audit store, with a clear message if it is missing or unmigrated."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from db.session import normalize_url, session_scope
+    from db.session import session_scope
 
     url = _url(url)
-    parsed = normalize_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        if not Path(parsed.database).expanduser().exists():
-            _fail(f"no audit store at {redact_url(url)} (nothing recorded yet, or run `umcd db upgrade`)")
+    if _missing_file(url):
+        _fail(f"no audit store at {redact_url(url)} (nothing recorded yet, or run `umcd db upgrade`)")
     try:
         with session_scope(url) as session:
             return fn(session)
@@ -100,7 +116,7 @@ _VERDICT_STYLE = {"benign": "green", "adversarial": "bold red", "invalid_input":
 @audit_app.command("last")
 def last(
     n: int = typer.Option(20, "--n", "-n", min=1, help="how many verdicts"),
-    kind: Optional[str] = typer.Option(None, help="only query or insert"),
+    kind: Optional[str] = KIND_OPTION,
     as_json: bool = JSON_OPTION,
     url: Optional[str] = URL_OPTION,
 ) -> None:
@@ -133,7 +149,7 @@ def last(
 
 @audit_app.command("rejections")
 def rejections(
-    kind: Optional[str] = typer.Option(None, help="only query or insert"),
+    kind: Optional[str] = KIND_OPTION,
     as_json: bool = JSON_OPTION,
     url: Optional[str] = URL_OPTION,
 ) -> None:
@@ -265,5 +281,8 @@ def current(url: Optional[str] = URL_OPTION) -> None:
     from db.migrate import current_revision, head_revision
 
     url = _url(url)
+    if _missing_file(url):  # reading the revision would create an empty file
+        typer.echo(f"{redact_url(url)}: no audit store yet (head {head_revision()}; `umcd db upgrade` creates it)")
+        return
     rev = current_revision(url)
     typer.echo(f"{redact_url(url)}: at revision {rev or 'none'} (head {head_revision()})")

@@ -23,7 +23,7 @@ def _is_loopback(host: str) -> bool:
 
 def gateway(
     host: Optional[str] = typer.Option(None, help="bind address (default: UMCD_GATEWAY_HOST, 127.0.0.1)"),
-    port: Optional[int] = typer.Option(None, help="port (default: UMCD_GATEWAY_PORT, 8000)"),
+    port: Optional[int] = typer.Option(None, min=0, max=65535, help="port (default: UMCD_GATEWAY_PORT, 8000; 0: any free port)"),
     workers: int = typer.Option(1, min=1, help="uvicorn worker processes (rate limits are per process)"),
 ) -> None:
     """Serve POST /v1/query, POST /v1/insert, GET /v1/requests/{id}, /healthz and the OpenAPI docs."""
@@ -34,7 +34,7 @@ def gateway(
 
     settings = get_settings()
     host = host or settings.gateway_host
-    port = port or settings.gateway_port
+    port = settings.gateway_port if port is None else port  # 0: any free port
     console = Console(stderr=True)
     if settings.api_key is None and not _is_loopback(host):
         console.print(f"[bold yellow]warning:[/] serving on {host} without an API key (set UMCD_API_KEY)")

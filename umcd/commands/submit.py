@@ -61,6 +61,7 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
 
     rows: list[dict[str, Any]] = []
     failures = 0
+    broker_down: BrokerUnavailable | None = None
     with Client() as client, _progress(err) as progress:
         task = progress.add_task(f"submitting to {'detect' if kind == 'query' else 'screen'}", total=len(files))
         for path in files:
@@ -75,18 +76,25 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
                     row["request_id"] = client.submit_query(path, client=client_name)
                 else:
                     row["request_id"] = client.submit_insert(path, source=source, label=label, client=client_name)
-            except BrokerUnavailable as exc:
-                err.print(f"[red]broker unavailable:[/] {exc}")
-                raise typer.Exit(3) from None
-            except (ImageTooLarge, OSError, ValueError) as exc:
-                if path.suffix.lower() == ARRAY_SUFFIX:
+            except (BrokerUnavailable, ImageTooLarge, OSError, ValueError) as exc:
+                if path.suffix.lower() == ARRAY_SUFFIX:  # the images of the array queued before it stopped
+                    rows += [{"path": f"{path}[{i}]", "request_id": rid, "error": None, "result": None}
+                             for i, rid in enumerate(getattr(exc, "sent", []))]
                     rows.append({"path": str(path), "request_id": None, "error": None, "result": None})
-                rows[-1]["error"] = str(exc)
+                rows[-1]["error"] = f"broker unavailable: {exc}" if isinstance(exc, BrokerUnavailable) else str(exc)
                 failures += 1
+                if isinstance(exc, BrokerUnavailable):  # the rest cannot be sent either
+                    broker_down = exc
+                    break
             progress.advance(task)
+        if broker_down is not None:
+            listed = {row["path"] for row in rows}
+            rows += [{"path": str(p), "request_id": None, "error": "not sent: broker unavailable", "result": None}
+                     for p in files if str(p) not in listed]
+            failures += sum(1 for p in files if str(p) not in listed)
 
         pending = {row["request_id"]: row for row in rows if row["request_id"]}
-        if wait and pending:
+        if wait and pending and broker_down is None:
             waiting = progress.add_task("waiting for verdicts", total=len(pending))
             deadline = time.monotonic() + timeout
             while pending and time.monotonic() < deadline:
@@ -125,6 +133,11 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
                 cells[1] = f"[red]not sent: {row['error']}[/]"
             table.add_row(*cells)
         out.print(table)
+    if broker_down is not None:  # what was queued before is listed above: its verdicts will still come
+        sent = sum(1 for row in rows if row["request_id"])
+        err.print(f"[red]broker unavailable:[/] {broker_down} ({sent} image(s) were queued before; "
+                  "their request ids are listed)")
+        raise typer.Exit(3)
     if failures:
         raise typer.Exit(1)
 

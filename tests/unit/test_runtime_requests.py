@@ -1,0 +1,154 @@
+"""A detection worker's requests: bad message fields, a failed batch write, a request id sent again.
+
+Each case must still end with exactly one verdict row (or, for an id answered before, the row it has).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from tests.fleet_helpers import png, untrained_runtime
+
+
+@pytest.fixture()
+def runtime(tmp_path, monkeypatch):
+    """A runtime whose batches take up to 8 images (a message's images share a batch and a transaction)."""
+    with untrained_runtime(tmp_path, monkeypatch, batch_max_size=8, batch_max_wait_ms=200) as rt:
+        yield rt
+
+
+def _image(seed: int) -> dict:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return {"inline": base64.b64encode(png(pixels)).decode("ascii")}
+
+
+def _request(rid: str, kind: str = "query", image: dict | None = None, **fields):
+    from workers.results import ScreenRequest
+
+    return ScreenRequest.from_message(request_id=rid, kind=kind, worker="w@test", image=image or _image(0), **fields)
+
+
+def _rows(runtime, rids):
+    from db import repo
+    from db.models import DbImage, Request
+    from db.session import session_scope
+
+    with session_scope(runtime.engine) as s:
+        verdicts = {rid: repo.row_dict(repo.get_verdict(s, rid)) for rid in rids}
+        requests = {rid: s.get(Request, rid) for rid in rids}
+        requests = {rid: None if r is None else {"client": r.client, "source": r.source, "label": r.label,
+                                                 "image_ref": r.image_ref, "submitted_at": r.submitted_at}
+                    for rid, r in requests.items()}
+        images = {rid: [(i.status, i.image_path) for i in s.query(DbImage).filter(DbImage.request_id == rid)]
+                  for rid in rids}
+    return verdicts, requests, images
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"label": 2**31}, "label 2147483648 is outside"),
+    ({"label": -(2**70)}, "is outside"),
+    ({"label": "7"}, "label must be an integer"),
+    ({"client": "c" * 300}, "client must be text of at most 256 characters, got 300"),
+    ({"source": ["not", "text"]}, "source must be text"),
+])
+def test_fields_the_audit_store_cannot_hold_get_invalid_input_and_a_row(runtime, fields, words):
+    """Another client (or an old SDK) may send them: a row and a reason, never a database error."""
+    rid = "bad-" + "-".join(fields)
+    single = runtime.handle(_request(rid, kind="insert", **fields), _image(1))
+    assert single["verdict"] == "invalid_input" and words in single["reasons"][0]
+    many = runtime.handle_many([_request(rid + "-m", kind="insert", **fields), _request("fine-" + rid, kind="insert")],
+                               [_image(2), _image(3)])
+    assert many[0]["verdict"] == "invalid_input" and words in many[0]["reasons"][0]
+    assert many[1]["verdict"] in ("benign", "adversarial")  # its neighbour in the message is judged as usual
+    verdicts, requests, images = _rows(runtime, [rid, rid + "-m", "fine-" + rid])
+    assert verdicts[rid]["verdict"] == verdicts[rid + "-m"]["verdict"] == "invalid_input"
+    assert requests[rid] is not None and all(requests[rid][k] is None for k in fields)  # the bad field is left out
+    assert images[rid] == [] and images[rid + "-m"] == []  # nothing joins the database
+
+
+def test_times_and_references_that_cannot_be_stored_are_kept_out_of_the_request_row(runtime):
+    results = runtime.handle_many(
+        [_request("t-nan", submitted_at="nan"), _request("t-far", submitted_at=1e20),
+         _request("t-iso", submitted_at="2026-11-29T01:02:03+00:00"),
+         _request("t-ref", image={"image_base64_inline": "x" * 40})],
+        [_image(4), _image(5), _image(6), {"image_base64_inline": "x" * 40}])
+    assert [r["verdict"] for r in results[:3]] != ["invalid_input"] * 3
+    assert results[3]["verdict"] == "invalid_input" and "need exactly one of" in results[3]["reasons"][0]
+    _, requests, _ = _rows(runtime, ["t-nan", "t-far", "t-iso", "t-ref"])
+    assert requests["t-nan"]["submitted_at"] is None and requests["t-far"]["submitted_at"] is None
+    assert requests["t-iso"]["submitted_at"].year == 2026
+    assert requests["t-ref"]["image_ref"] is None  # an unknown kind is not stored (its column holds 16 characters)
+
+
+def test_a_batch_written_again_one_by_one_keeps_every_insertions_image_path(runtime, monkeypatch):
+    """The first write of a batch fails (the audit store hiccups); the one-by-one retry must still point
+    each image row at its stored file, and no Result may carry the internal path."""
+    import sqlalchemy.exc
+
+    from db import repo
+
+    inner_write, inner_verdict = runtime._write, repo.write_verdict
+    calls: list[int] = []
+    verdicts_written: list[str] = []
+
+    def write(state, entries):
+        calls.append(len(entries))
+        return inner_write(state, entries)
+
+    def verdict(session, **fields):  # the batch's last verdict fails, after its images were handled
+        verdicts_written.append(fields["request_id"])
+        if len(verdicts_written) == 3:
+            raise sqlalchemy.exc.OperationalError("INSERT ...", {}, Exception("database is locked"))
+        return inner_verdict(session, **fields)
+
+    monkeypatch.setattr(runtime, "_write", write)
+    monkeypatch.setattr(repo, "write_verdict", verdict)
+    rids = ["path-1", "path-2", "path-3"]
+    results = runtime.handle_many([_request(r, kind="insert") for r in rids], [_image(i + 10) for i in range(3)])
+    assert calls == [3, 1, 1, 1]  # the batch, then each request alone
+    assert verdicts_written == rids + rids
+    assert all("_image_path" not in r for r in results)
+    verdicts, _, images = _rows(runtime, rids)
+    for rid in rids:
+        assert verdicts[rid] is not None
+        ((status, path),) = images[rid]
+        assert path is not None and path.endswith(f"{rid}.img"), (rid, path)
+
+
+@pytest.mark.parametrize("first", ["query", "invalid"])
+def test_an_id_answered_before_and_sent_again_as_an_insertion_adds_no_image(runtime, first):
+    """The first verdict stands, and an image never joins the database without a verdict of its own."""
+    rid = f"again-{first}"
+    if first == "query":
+        before = runtime.handle(_request(rid), _image(20))
+    else:
+        before = runtime.handle(_request(rid, kind="insert"), {"inline": base64.b64encode(b"not an image").decode()})
+        assert before["verdict"] == "invalid_input"
+    again = runtime.handle(_request(rid, kind="insert"), _image(21))
+    assert (again["verdict"], again["kind"], again["image_id"]) == (before["verdict"], before["kind"], None)
+    again_many = runtime.handle_many([_request(rid, kind="insert")], [_image(22)])[0]
+    assert again_many["verdict"] == before["verdict"]
+    _, _, images = _rows(runtime, [rid])
+    assert images[rid] == []
+    assert not any(rid_ == rid for rid_, _ in _replica_requests(runtime))
+
+
+def _replica_requests(runtime):
+    """(request id, image id) of every database image the audit store holds."""
+    from db.models import DbImage
+    from db.session import session_scope
+
+    with session_scope(runtime.engine) as s:
+        return [(i.request_id, i.id) for i in s.query(DbImage)]
+
+
+@pytest.mark.parametrize("rid", ["..", "", "x" * 65, None])
+def test_a_single_message_with_a_bad_request_id_fails_with_the_reason_before_any_work(rid):
+    """No verdict row can be keyed by it: the task fails (its Result says why), as a batch drops such an item."""
+    from workers.tasks import _screen
+
+    with pytest.raises(ValueError, match="invalid request id"):
+        _screen(None, "query", rid, _image(0), None, None)  # no task, no runtime: nothing else is touched
