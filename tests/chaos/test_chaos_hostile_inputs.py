@@ -81,7 +81,16 @@ def _bad_references(fleet: FleetRun, png: bytes) -> dict[str, dict]:
         "ref_inline_number": {"image": {"inline": 12345}},
         "fields_of_wrong_types": {"image": {"inline": inline}, "client": {"x": 1}, "submitted_at": "yesterday",
                                   "source": ["a"], "label": "seven"},
+        "label_beyond_32_bits": {"task": "umcd.screen", "image": {"inline": inline}, "label": 2**40},
+        "client_too_long": {"image": {"inline": inline}, "client": "c" * 1000},
+        "ref_unknown_kind": {"image": {"image_base64_inline": inline}},
+        # only a time: one that cannot be stored is recorded as unknown and the image is judged
+        "submitted_at_not_a_time": {"image": {"inline": inline}, "submitted_at": "yesterday"},
+        "submitted_at_beyond_year_3000": {"image": {"inline": inline}, "submitted_at": 1e20},
     }
+
+#: the bad references and fields after which the image is still judged (the others get invalid_input)
+_JUDGED_ANYWAY = {"submitted_at_not_a_time", "submitted_at_beyond_year_3000"}
 
 
 def test_every_crafted_file_and_bad_reference_gets_a_verdict_and_the_worker_goes_on(
@@ -97,9 +106,10 @@ def test_every_crafted_file_and_bad_reference_gets_a_verdict_and_the_worker_goes
         good.append(fleet.send("umcd.detect", query_pngs[100 + i]))  # batch-mates of the hostile ones
     for name, extra in _bad_references(fleet, query_pngs[0]).items():
         rid = uuid.uuid4().hex
+        task = extra.pop("task", "umcd.detect")
         kwargs = {"request_id": rid, "submitted_at": time.time(), "client": "hostile", **extra}
-        fleet.client.app.send_task("umcd.detect", kwargs=kwargs, task_id=rid)
-        sent[rid] = (name, "valid" if name == "fields_of_wrong_types" else "invalid")
+        fleet.client.app.send_task(task, kwargs=kwargs, task_id=rid)
+        sent[rid] = (name, "valid" if name in _JUDGED_ANYWAY else "invalid")
 
     ids = [*sent, *good]
     results = fleet.client.wait(ids, timeout=120)
