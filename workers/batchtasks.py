@@ -139,8 +139,7 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     from workers import metrics
     from workers.results import ScreenRequest
     from workers.runtime import NoModel, get_runtime
-    from workers.tasks import (NO_MODEL_COUNTDOWN_S, NO_MODEL_MAX_RETRIES, TRANSIENT_MAX_RETRIES,
-                               backoff_s, transient_errors)
+    from workers.tasks import NO_MODEL_COUNTDOWN_S, backoff_s, retry_plan, transient_errors
 
     if not isinstance(items, list):
         items = []
@@ -179,9 +178,8 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
         else:
             done.append((item["request_id"], outcome))
     no_model = any(isinstance(exc, NoModel) for _, exc in again)
-    retries = task.request.retries or 0
-    max_retries = NO_MODEL_MAX_RETRIES if no_model else TRANSIENT_MAX_RETRIES
-    if again and retries >= max_retries:  # out of retries: these items fail with their last error
+    spent, max_retries, retry_kwargs = retry_plan(task.request, no_model=no_model)  # this kind's own budget
+    if again and (task.request.retries or 0) >= max_retries:  # out of retries: these items fail with their last error
         done += [(item["request_id"], exc) for item, exc in again]
         again = []
     cpu = time.thread_time()
@@ -190,7 +188,9 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     except transient as exc:  # the verdicts are committed: a redelivery answers from the audit store
         log.warning("batch %s: storing %d results failed (%s: %s); retrying the message", task.request.id,
                     len(done), type(exc).__name__, exc)
-        raise task.retry(countdown=backoff_s(retries), max_retries=TRANSIENT_MAX_RETRIES, exc=exc) from None
+        outages, outage_max, outage_kwargs = retry_plan(task.request, no_model=False)
+        raise task.retry(kwargs=outage_kwargs, countdown=backoff_s(outages), max_retries=outage_max,
+                         exc=exc) from None
     finally:
         metrics.add_cpu("answer", time.thread_time() - cpu)
     if not again:
@@ -203,8 +203,8 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     if again:
         first = again[0][1]
         log.warning("batch %s: %d of %d items hit %s: %s; retrying them (%d so far)", task.request.id, len(again),
-                    len(good), type(first).__name__, first, retries)
-        countdown = NO_MODEL_COUNTDOWN_S if no_model else backoff_s(retries)
-        kwargs = {**(task.request.kwargs or {}), "items": [item for item, _ in again]}
+                    len(good), type(first).__name__, first, spent)
+        countdown = NO_MODEL_COUNTDOWN_S if no_model else backoff_s(spent)
+        kwargs = {**retry_kwargs, "items": [item for item, _ in again]}
         raise task.retry(kwargs=kwargs, countdown=countdown, max_retries=max_retries, exc=first)
     return summary

@@ -16,6 +16,28 @@ NO_MODEL_MAX_RETRIES = 120
 NO_MODEL_COUNTDOWN_S = 5.0
 
 
+#: the kwarg a retried screening message counts its waits for a first model in (its other retries were outages)
+MODEL_WAITS_KWARG = "model_waits"
+
+
+def retry_plan(request: Any, no_model: bool) -> tuple[int, int, dict[str, Any]]:
+    """(this kind's retries so far, Celery's ``max_retries`` for the next one, the retried message's kwargs).
+
+    Waiting for a first model and riding out an outage have budgets of their own: a request that waited
+    long for a model still gets every outage retry, and the other way round. The waits are counted in the
+    message's kwargs (``model_waits``); Celery's ``retries`` counts both kinds.
+    """
+    kwargs = dict(request.kwargs or {})
+    retries = int(request.retries or 0)
+    waits = kwargs.get(MODEL_WAITS_KWARG)
+    waits = min(retries, waits) if isinstance(waits, int) and not isinstance(waits, bool) and waits >= 0 else 0
+    outages = retries - waits
+    if no_model:
+        kwargs[MODEL_WAITS_KWARG] = waits + 1
+        return waits, outages + NO_MODEL_MAX_RETRIES, kwargs
+    return outages, waits + TRANSIENT_MAX_RETRIES, kwargs
+
+
 def backoff_s(retries: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential back-off with full jitter: a delay in [base/2, min(cap, base * 2**retries)] seconds."""
     top = min(cap, base * (2 ** min(retries, 16)))
@@ -59,15 +81,15 @@ def _screen(task, kind: str, request_id: str, image: Any, client: str | None, su
     try:
         return runtime.handle(request, image)
     except NoModel as exc:
-        raise task.retry(exc=exc, countdown=NO_MODEL_COUNTDOWN_S, max_retries=NO_MODEL_MAX_RETRIES) from None
+        _, max_retries, kwargs = retry_plan(task.request, no_model=True)
+        raise task.retry(exc=exc, kwargs=kwargs, countdown=NO_MODEL_COUNTDOWN_S, max_retries=max_retries) from None
     except (*transient_errors(), sqlalchemy.exc.DBAPIError) as exc:
         if isinstance(exc, sqlalchemy.exc.DBAPIError) and not isinstance(exc, transient_errors()) \
                 and not exc.connection_invalidated:
             raise  # a real error in a statement, not an outage
-        log.warning("request %s: %s: %s; retrying (%d so far)", request_id, type(exc).__name__, exc,
-                    task.request.retries)
-        raise task.retry(exc=exc, countdown=backoff_s(task.request.retries),
-                         max_retries=TRANSIENT_MAX_RETRIES) from None
+        outages, max_retries, kwargs = retry_plan(task.request, no_model=False)
+        log.warning("request %s: %s: %s; retrying (%d so far)", request_id, type(exc).__name__, exc, outages)
+        raise task.retry(exc=exc, kwargs=kwargs, countdown=backoff_s(outages), max_retries=max_retries) from None
 
 
 def register_tasks(app) -> dict[str, Any]:

@@ -152,3 +152,35 @@ def test_a_single_message_with_a_bad_request_id_fails_with_the_reason_before_any
 
     with pytest.raises(ValueError, match="invalid request id"):
         _screen(None, "query", rid, _image(0), None, None)  # no task, no runtime: nothing else is touched
+
+
+def test_waiting_for_a_model_and_riding_out_outages_have_budgets_of_their_own():
+    """Celery gives up when retries >= max_retries; retry_plan sets max_retries so that each kind counts only
+    its own retries (a long wait for the first model used to leave no retry for a later outage)."""
+    from types import SimpleNamespace
+
+    from workers.tasks import MODEL_WAITS_KWARG, NO_MODEL_MAX_RETRIES, TRANSIENT_MAX_RETRIES, retry_plan
+
+    def run(kinds: list[str]) -> tuple[int, str | None]:
+        """Retries taken before Celery would give up, following ``kinds`` ('model' or 'outage') in turn."""
+        request = SimpleNamespace(retries=0, kwargs={"request_id": "r"})
+        for step, kind in enumerate(kinds):
+            _, max_retries, kwargs = retry_plan(request, no_model=kind == "model")
+            if request.retries >= max_retries:
+                return step, kind
+            assert kwargs["request_id"] == "r"
+            request = SimpleNamespace(retries=request.retries + 1, kwargs=kwargs)
+        return len(kinds), None
+
+    assert run(["model"] * 200) == (NO_MODEL_MAX_RETRIES, "model")
+    assert run(["outage"] * 200) == (TRANSIENT_MAX_RETRIES, "outage")
+    # a long wait for a model, then an outage: the outage still gets all its retries, and the other way round
+    waited = NO_MODEL_MAX_RETRIES - 1
+    assert run(["model"] * waited + ["outage"] * 200) == (waited + TRANSIENT_MAX_RETRIES, "outage")
+    assert run(["outage"] * 49 + ["model"] * 200) == (49 + NO_MODEL_MAX_RETRIES, "model")
+    # the waits travel in the retried message; a missing or nonsensical count is read as none
+    _, _, kwargs = retry_plan(SimpleNamespace(retries=3, kwargs={MODEL_WAITS_KWARG: 2}), no_model=True)
+    assert kwargs[MODEL_WAITS_KWARG] == 3
+    for junk in ("7", -1, True, None, 10**9):
+        spent, _, _ = retry_plan(SimpleNamespace(retries=5, kwargs={MODEL_WAITS_KWARG: junk}), no_model=False)
+        assert spent == (0 if junk == 10**9 else 5)  # more waits than retries: clamped to the retries
