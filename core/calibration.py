@@ -21,11 +21,17 @@ q_i = (m_i + 1) / (n + 1), the rule rejects when min_i p_i(x) / q_i <= 1. The co
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration set is too small for the target: the fitted rule's false positive rate is above it."""
 
 
 def _suspicion(values: np.ndarray, direction: str) -> np.ndarray:
@@ -88,6 +94,12 @@ class Calibration:
         m = max(m, 0)  # rank 0: fire only beyond every benign value
         ranks = _refine_ranks(loo, m, allowed, n)
         expected_fpr = float((loo <= ranks[None, :]).any(1).mean())
+        if expected_fpr > target_fpr:  # only at rank 0 everywhere: each criterion fires past its most extreme value
+            warnings.warn(
+                f"{n} benign samples are too few for a combined false positive rate of {target_fpr:g} over "
+                f"{len(names)} criteria: even firing only beyond each criterion's most extreme benign value, "
+                f"the rule flags {expected_fpr:.3f} of them (leave-one-out); calibrate on at least "
+                f"~{math.ceil(len(names) / target_fpr)} samples or raise the target", CalibrationWarning, stacklevel=2)
         cal_fpr = float((counts <= ranks[None, :]).any(1).mean())
         thresholds = {}
         for i, k in enumerate(names):

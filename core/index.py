@@ -80,13 +80,23 @@ class HammingIndex:
         return len(self)
 
     def add(self, codes, ids) -> None:
-        """Adds ±1 codes (n, K) (or packed uint8 (n, K/8)) under int64 ids (n,)."""
+        """Adds ±1 codes (n, K) (or packed uint8 (n, K/8)) under int64 ids (n,).
+
+        An id given twice in one call is refused (ValueError). The index does not look up the ids it already
+        holds (FAISS keeps both copies of an id added twice, and a search would return that neighbour twice):
+        callers keep ids unique, as the worker's replica does.
+        """
         packed = self._as_packed(codes)
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if len(ids) != len(packed):
             raise ValueError(f"{len(packed)} codes but {len(ids)} ids")
         if len(ids) == 0:
             return
+        if len(ids) > 1:
+            ordered = np.sort(ids)
+            repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+            if len(repeated):
+                raise ValueError(f"ids must be unique: {len(repeated)} repeated in one add (first {int(repeated[0])})")
         with self._lock:
             if self.backend == "gpu":
                 self._index.add(packed)
@@ -114,7 +124,9 @@ class HammingIndex:
     def search(self, codes, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k: (ids (n, k) int64, distances (n, k) int32); -1 ids and distance bits+1 pad missing rows.
 
-        Among equal distances, results are ordered by id (a deterministic tie-break).
+        The distances are exact. The k results are ordered by (distance, id); when more codes than fit tie at
+        the k-th distance, which of them are returned is FAISS's choice, not the lowest ids
+        (:meth:`range_search` returns every code within a distance).
         """
         packed = self._as_packed(codes)
         n = len(packed)

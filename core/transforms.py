@@ -29,13 +29,35 @@ def mean_blur(x: torch.Tensor, size: int = 3) -> torch.Tensor:
     return sum(rows[..., i : i + h, :] for i in range(size)) / float(size * size)
 
 
+def _pad_symmetric(x: torch.Tensor, before: int, after: int, dim: int) -> torch.Tensor:
+    """Pad ``dim`` by mirroring with the edge repeated (``d c b a | a b c d | d c b a``: NumPy's 'symmetric',
+    scipy.ndimage's 'reflect')."""
+    parts = [x.narrow(dim, 0, before).flip(dim)] if before else []
+    parts.append(x)
+    if after:
+        parts.append(x.narrow(dim, x.shape[dim] - after, after).flip(dim))
+    return torch.cat(parts, dim)
+
+
 def median_filter(x: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """size x size median (even sizes pad one more on the bottom/right, as in feature squeezing)."""
-    lo, hi = (size - 1) // 2, size // 2
-    xp = F.pad(x, (lo, hi, lo, hi), mode="reflect")
+    """size x size median filter.
+
+    Odd sizes: the centred window, the border padded by reflection without the edge (``d c b | a b c d``:
+    scipy.ndimage's mode 'mirror'). Even sizes: feature squeezing's median (its reference code calls
+    ``scipy.ndimage.median_filter(x, size=2, mode='reflect')``), to the value: the window reaches ``size // 2``
+    pixels up and left of each pixel and ``size - 1 - size // 2`` down and right, the border repeats the edge,
+    and of the ``size * size`` values the one of rank ``size * size // 2`` is taken (the upper middle one).
+    """
     n, c, h, w = x.shape
-    patches = xp.unfold(2, size, 1).unfold(3, size, 1)  # (n, c, h, w, size, size)
-    return patches.reshape(n, c, h, w, size * size).median(dim=-1).values
+    if size % 2:
+        r = size // 2
+        xp = F.pad(x, (r, r, r, r), mode="reflect")
+        patches = xp.unfold(2, size, 1).unfold(3, size, 1)  # (n, c, h, w, size, size)
+        return patches.reshape(n, c, h, w, size * size).median(dim=-1).values
+    before, after = size // 2, size - 1 - size // 2
+    xp = _pad_symmetric(_pad_symmetric(x, before, after, 2), before, after, 3)
+    patches = xp.unfold(2, size, 1).unfold(3, size, 1).reshape(n, c, h, w, size * size)
+    return patches.sort(dim=-1).values[..., size * size // 2]
 
 
 def bit_depth(x: torch.Tensor, bits: int = 4) -> torch.Tensor:

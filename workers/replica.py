@@ -134,7 +134,11 @@ class Replica:
     # ------------------------------------------------------------------ applying
 
     def _add(self, ids: list[int], codes: list[bytes]) -> list[int]:
-        keep = [(i, c) for i, c in zip(ids, codes) if i not in self._present and i not in self._removed]
+        keep, seen = [], set()
+        for i, c in zip(ids, codes):  # an id already in the index, removed, or twice in these rows: added once
+            if i not in self._present and i not in self._removed and i not in seen:
+                seen.add(i)
+                keep.append((i, c))
         if not keep:
             return []
         packed = np.frombuffer(b"".join(c for _, c in keep), dtype=np.uint8).reshape(len(keep), self.bits // 8)

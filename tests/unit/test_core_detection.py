@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -45,6 +46,16 @@ def test_index_remove_save_load_and_padding(tmp_path):
     assert sorted(again.ids().tolist()) == [10, 12]
     assert np.array_equal(again.search(codes, 2)[1], index.search(codes, 2)[1])
     assert np.array_equal(unpack_codes(pack_codes(codes), 8), codes)
+
+
+def test_index_refuses_an_id_twice_in_one_add():
+    idx = HammingIndex(16)
+    codes = np.where(np.random.default_rng(0).random((3, 16)) > 0.5, 1, -1)
+    with pytest.raises(ValueError, match="ids must be unique: 1 repeated"):
+        idx.add(codes, [5, 7, 5])
+    assert len(idx) == 0
+    idx.add(codes, [5, 7, 9])
+    assert sorted(idx.ids().tolist()) == [5, 7, 9]
 
 
 def test_index_is_safe_under_concurrent_add_and_search():
@@ -110,6 +121,38 @@ def test_transforms_keep_shape_and_range():
     flat = torch.full((1, 3, 8, 8), 0.3)
     for name in ("identity", "meanblur3", "meanblur5", "median2", "median3", "nlm"):  # smoothing filters
         assert torch.allclose(get_transform(name)(flat), flat, atol=1e-5), name
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5])
+def test_median_filter_equals_scipys_and_the_2x2_one_is_feature_squeezings(size):
+    """Feature squeezing's reference filters with scipy.ndimage.median_filter(size=2, mode='reflect'): its window
+    sits up-left of the pixel and it takes the upper middle value; odd sizes are centred, mirrored at the border."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from core.transforms import median_filter
+
+    x = np.random.default_rng(size).random((2, 3, 9, 11)).astype(np.float32)
+    mode = "reflect" if size % 2 == 0 else "mirror"
+    expected = ndimage.median_filter(x, size=(1, 1, size, size), mode=mode)
+    np.testing.assert_array_equal(median_filter(torch.from_numpy(x), size).numpy(), expected)
+    if size == 2:
+        square = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+        assert median_filter(square, 2).tolist() == [[[[1.0, 2.0], [3.0, 3.0]]]]
+
+
+def test_a_calibration_set_too_small_for_its_target_is_fitted_with_a_warning():
+    """Three criteria, each firing at least beyond its most extreme benign value: ~3/(n+1) whatever the target."""
+    from core.calibration import CalibrationWarning
+
+    rng = np.random.default_rng(1)
+    directions = {"a": "high", "b": "low", "c": "high"}
+    small = {k: rng.normal(size=19) for k in directions}
+    with pytest.warns(CalibrationWarning, match="19 benign samples are too few"):
+        cal = Calibration.fit(small, directions, 0.05)
+    assert cal.expected_fpr > 0.05 and set(cal.ranks.values()) == {0}
+    large = {k: rng.normal(size=500) for k in directions}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        assert Calibration.fit(large, directions, 0.05).expected_fpr <= 0.05
 
 
 def test_joint_calibration_hits_the_target_for_the_combined_rule_not_per_criterion():

@@ -69,6 +69,20 @@ def test_sync_applies_adds_and_removes_past_the_watermark(db_url):
     assert replica.lag_seconds >= 0.0
 
 
+def test_two_log_rows_adding_one_image_put_it_in_the_index_once(db_url):
+    """The index keeps every copy of an id added twice (a search would count that neighbour twice)."""
+    from workers.replica import LogEntry
+
+    engine = make_engine(db_url)
+    replica = Replica.bootstrap(engine, V1, BITS)
+    code = codes(1, seed=4)[0]
+    replica.apply([LogEntry(replica.watermark + 1, "add", 77, code, 0.0),
+                   LogEntry(replica.watermark + 2, "add", 77, code, 0.0)])
+    assert replica.index.ids().tolist() == [77]
+    found, _ = replica.index.search(np.frombuffer(code, np.uint8)[None], 2)
+    assert found[0].tolist() == [77, -1]
+
+
 def test_a_local_add_is_not_duplicated_when_its_log_row_arrives(db_url):
     engine = make_engine(db_url)
     add_images(db_url, 3, seed=1)

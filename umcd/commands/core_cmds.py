@@ -111,6 +111,10 @@ def calibrate(
         f"on {rep.n_calibration + rep.n_heldout} images"
     )
     con.print(f"thresholds: {json.dumps({k: round(v, 4) for k, v in rep.calibration.thresholds.items()})}")
+    expected = rep.calibration.expected_fpr
+    if expected is not None and expected > rep.calibration.target_fpr:
+        con.print(f"[bold yellow]warning:[/] too few benign images for this target: the rule flags {expected:.3f} "
+                  "of the calibration images even at its strictest (leave-one-out)")
     con.print(f"calibration: {path}")
 
 
