@@ -206,6 +206,15 @@ def get_verdict(session: Session, request_id: str) -> Verdict | None:
     return session.scalars(select(Verdict).where(Verdict.request_id == request_id)).one_or_none()
 
 
+def answered(session: Session, request_ids: Sequence[str]) -> set[str]:
+    """Which of ``request_ids`` already have a verdict row (one query per 500 ids)."""
+    ids = list(dict.fromkeys(request_ids))
+    out: set[str] = set()
+    for start in range(0, len(ids), 500):
+        out.update(session.scalars(select(Verdict.request_id).where(Verdict.request_id.in_(ids[start:start + 500]))))
+    return out
+
+
 # --------------------------------------------------------------------------- database images and the index log
 
 

@@ -698,17 +698,18 @@ class DetectionRuntime:
                 written = auditwrites.write_verdicts(s, verdicts)
                 duplicates += [item.request.request_id for item, *_ in queries
                                if item.request.request_id not in written]
-            for item, result, record, code in entries:
+            inserts = [entry for entry in entries if entry[0].request.kind == "insert"]
+            # an id answered before (a redelivery, or an id sent again, even first as a query) keeps its verdict,
+            # and an image never joins the database without a verdict of its own
+            before = repo.answered(s, [item.request.request_id for item, *_ in inserts]) if inserts else set()
+            for item, result, record, code in inserts:
                 req = item.request
-                if req.kind != "insert":
-                    continue
-                image_path = result.get("_image_path")  # taken off the Result after the commit (a failed
-                # batch is written again one request at a time, with the same Results)
-                if repo.get_verdict(s, req.request_id) is not None:
-                    # answered before (a redelivery, or an id sent again): that verdict stands, and an image
-                    # never joins the database without a verdict of its own
+                if req.request_id in before:
                     duplicates.append(req.request_id)
                     continue
+                before.add(req.request_id)  # the same id again in this batch is a redelivery of this one
+                image_path = result.get("_image_path")  # taken off the Result after the commit (a failed
+                # batch is written again one request at a time, with the same Results)
                 repo.record_request(s, **req.request_fields())
                 benign = result["verdict"] == "benign"
                 image_id = repo.insert_database_image(
