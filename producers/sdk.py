@@ -111,6 +111,8 @@ def check_image(image: ImageInput, max_bytes: int) -> None:
         stat = path.stat()  # FileNotFoundError names the path
         if not path.is_file():
             raise IsADirectoryError(f"{path}: not a regular file")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"{path}: not readable")
         if stat.st_size > max_bytes:
             raise ImageTooLarge(f"{path}: {stat.st_size} bytes exceeds the limit of {max_bytes} bytes")
     else:

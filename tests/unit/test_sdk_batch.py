@@ -24,6 +24,14 @@ def _png(side: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def _png_files(folder, n: int) -> list:
+    """n small PNG files 0.png ... in ``folder``."""
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for i, path in enumerate(paths):
+        path.write_bytes(_png(16, i))
+    return paths
+
+
 @pytest.fixture()
 def broker(redis_server, tmp_path):
     """A flushed Redis database that no worker consumes, and a Client sending to it."""
@@ -202,29 +210,35 @@ def test_bad_pixel_arrays_are_refused_before_anything_is_sent(broker, pixels, er
     assert raw.dbsize() == 0
 
 
-def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_one(broker, tmp_path, monkeypatch):
+def _umcd_submit(client: Client, tmp_path, monkeypatch, args: list[str]):
+    """``umcd submit ARGS`` (the submit commands alone) against the client's broker; the CliRunner result."""
     import typer
     from typer.testing import CliRunner
 
     from umcd.commands import submit
     from umcd.settings import get_settings
 
-    client, raw = broker
     app = typer.Typer()
     submit.register(app)
     for key, value in {"UMCD_BROKER_URL": client.settings.broker_url, "UMCD_RESULT_BACKEND": client.settings.broker_url,
                        "UMCD_ARTIFACTS": str(tmp_path)}.items():
         monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, ["submit", *args])
+    finally:
+        get_settings.cache_clear()
+
+
+def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_one(broker, tmp_path, monkeypatch):
+    client, raw = broker
     pixels = np.random.default_rng(5).integers(0, 256, (300, 9, 9, 3), dtype=np.uint8)
     np.save(tmp_path / "frames.npy", pixels)
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "cut.npy").write_bytes((tmp_path / "frames.npy").read_bytes()[:100])
-    get_settings.cache_clear()
-    try:
-        result = CliRunner().invoke(app, ["submit", "query", str(tmp_path / "frames.npy"), str(tmp_path / "objects.npy"),
-                                          str(tmp_path / "cut.npy"), "--no-wait", "--json", "--client", "cli"])
-    finally:
-        get_settings.cache_clear()
+    result = _umcd_submit(client, tmp_path, monkeypatch, [
+        "query", str(tmp_path / "frames.npy"), str(tmp_path / "objects.npy"), str(tmp_path / "cut.npy"), "--no-wait",
+        "--json", "--client", "cli"])
     assert result.exit_code == 1, result.output  # the object array and the cut file were not sent
     rows = json.loads(result.stdout[result.stdout.index("["):])
     assert [r["path"] for r in rows[:300]] == [f"{tmp_path / 'frames.npy'}[{i}]" for i in range(300)]
@@ -240,23 +254,10 @@ def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_
 
 def test_umcd_submit_lists_what_it_queued_before_the_broker_went_away(broker, tmp_path, monkeypatch):
     """Exit code 3, and the request ids already queued are printed: their verdicts will still come."""
-    import typer
-    from typer.testing import CliRunner
-
     from producers import sdk
-    from umcd.commands import submit
-    from umcd.settings import get_settings
 
     client, raw = broker
-    app = typer.Typer()
-    submit.register(app)
-    for key, value in {"UMCD_BROKER_URL": client.settings.broker_url, "UMCD_RESULT_BACKEND": client.settings.broker_url,
-                       "UMCD_ARTIFACTS": str(tmp_path)}.items():
-        monkeypatch.setenv(key, value)
-    paths = []
-    for i in range(4):
-        paths.append(tmp_path / f"{i}.png")
-        paths[-1].write_bytes(_png(16, i))
+    paths = _png_files(tmp_path, 4)
     real = sdk.Client.submit_query
     calls = []
 
@@ -267,11 +268,7 @@ def test_umcd_submit_lists_what_it_queued_before_the_broker_went_away(broker, tm
         return real(self, image, *args, **kwargs)
 
     monkeypatch.setattr(sdk.Client, "submit_query", submit_query)
-    get_settings.cache_clear()
-    try:
-        result = CliRunner().invoke(app, ["submit", "query", *map(str, paths), "--json"])
-    finally:
-        get_settings.cache_clear()
+    result = _umcd_submit(client, tmp_path, monkeypatch, ["query", *map(str, paths), "--json"])
     assert result.exit_code == 3, result.output
     said = " ".join(result.stderr.split())  # rich wraps long lines
     assert "broker unavailable" in said and "2 image(s) were queued before" in said
@@ -351,10 +348,7 @@ def test_a_missing_or_too_large_file_is_found_before_anything_is_sent(broker, tm
 def test_a_submission_stopped_part_way_names_the_request_ids_already_queued(broker, tmp_path, batch):
     """A file that vanishes after the checks stops the sending; the ids queued before it go with the error."""
     client, raw = broker
-    paths = []
-    for i in range(5):
-        paths.append(tmp_path / f"{i}.png")
-        paths[-1].write_bytes(_png(16, i))
+    paths = _png_files(tmp_path, 5)
     ids = [f"part-{i}" for i in range(5)]
     seen: list[str] = []
 
