@@ -206,6 +206,17 @@ def get_verdict(session: Session, request_id: str) -> Verdict | None:
     return session.scalars(select(Verdict).where(Verdict.request_id == request_id)).one_or_none()
 
 
+def image_paths(session: Session, request_ids: Sequence[str]) -> dict[str, str | None]:
+    """request id -> ``image_path`` of its database image, for those of ``request_ids`` that have one."""
+    ids = list(dict.fromkeys(request_ids))
+    out: dict[str, str | None] = {}
+    for start in range(0, len(ids), 500):
+        rows = session.execute(select(DbImage.request_id, DbImage.image_path)
+                               .where(DbImage.request_id.in_(ids[start:start + 500])))
+        out.update({rid: path for rid, path in rows})
+    return out
+
+
 def answered(session: Session, request_ids: Sequence[str]) -> set[str]:
     """Which of ``request_ids`` already have a verdict row (one query per 500 ids)."""
     ids = list(dict.fromkeys(request_ids))

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     gateway_port: int = Field(8000, ge=0, le=65535)
 
     # monitoring
-    metrics_port: int = 0  # 0: no Prometheus endpoint in this process
+    metrics_port: int = Field(0, ge=0, le=65535)  # 0: no Prometheus endpoint in this process
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers, where Prometheus scrapes from another host
     flower_user: str = "admin"
     flower_password: SecretStr | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -27,16 +28,21 @@ def images_dir(artifacts: str | Path) -> Path:
 
 
 def store_image(artifacts: str | Path, key: str, data: bytes, suffix: str = ".img") -> Path:
-    """Write ``data`` to ``artifacts/images/<key[:2]>/<key><suffix>`` atomically; returns the absolute path.
+    """Write ``data`` to ``artifacts/images/<key[:2]>/<key>-<sha256 of data, 16 hex><suffix>`` atomically; returns
+    the absolute path.
 
-    ``key`` is a request id (or another id of ``[A-Za-z0-9._:-]``); writing the same key twice
-    leaves one file (a redelivered insertion stores the same bytes again).
+    ``key`` is a request id (or another id of ``[A-Za-z0-9._:-]``). The name holds a digest of the bytes, so a
+    file once written is never replaced by other bytes: the same id sent again with another image (its verdict
+    stands, its image is not screened) can never change what an accepted image's row points to, while a
+    redelivery of the same bytes writes the same file again.
     """
     if not _SAFE_KEY.match(key) or key in (".", ".."):
         raise ValueError(f"unsafe image key {key!r}")
     folder = images_dir(artifacts).resolve() / key[:2].replace(".", "_")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{key}{suffix}"
+    path = folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    if path.is_file():
+        return path
     tmp = folder / f".{key}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)

@@ -98,14 +98,18 @@ class BatchItem:
 
 
 def load_calibration(row: Any) -> Calibration:
-    """The full calibration of a ``calibrations`` row: its JSON file, else the copy kept in ``meta``."""
-    path = getattr(row, "path", None)
-    if path and Path(path).is_file():
-        return Calibration.load(path)
+    """The full calibration of a ``calibrations`` row: the copy committed in its ``meta``, else its JSON file.
+
+    The copy in the row first: the file's path is one per model version and detector, which another
+    calibration of the same version (``umcd calibrate``, a publish that died before its commit) may have
+    overwritten since; the row is what this calibration id was."""
     stored = (row.meta or {}).get("calibration")
     if stored:
         return Calibration(**stored)
-    raise FileNotFoundError(f"calibration {row.id}: no file at {path!r} and no copy in its meta")
+    path = getattr(row, "path", None)
+    if path and Path(path).is_file():
+        return Calibration.load(path)
+    raise FileNotFoundError(f"calibration {row.id}: no copy in its meta and no file at {path!r}")
 
 
 class DetectionRuntime:
@@ -676,6 +680,7 @@ class DetectionRuntime:
         """
         out: dict[str, Any] = {}
         duplicates: list[str] = []
+        orphans: list[tuple[str, str | None]] = []  # (request id, the image file this delivery stored)
         local_adds: list[tuple[int, bytes]] = []
         queries, seen = [], set()
         for entry in entries:  # a request id twice in one batch (a redelivery): the first one is written
@@ -706,6 +711,7 @@ class DetectionRuntime:
                 req = item.request
                 if req.request_id in before:
                     duplicates.append(req.request_id)
+                    orphans.append((req.request_id, result.get("_image_path")))
                     continue
                 before.add(req.request_id)  # the same id again in this batch is a redelivery of this one
                 image_path = result.get("_image_path")  # taken off the Result after the commit (a failed
@@ -731,6 +737,12 @@ class DetectionRuntime:
                 out[req.request_id] = result
             for rid in duplicates:
                 out[rid] = result_from_verdict(repo.row_dict(repo.get_verdict(s, rid)))
+            # the bytes an id answered before came with again: kept only where they are that id's stored image
+            # (a redelivery of the same bytes names the same file)
+            kept = repo.image_paths(s, [rid for rid, path in orphans if path]) if orphans else {}
+        for rid, path in orphans:
+            if path and kept.get(rid) != path:
+                Path(path).unlink(missing_ok=True)
         for result in out.values():  # committed: the path is in its row, never in a client's Result
             result.pop("_image_path", None)
         for image_id, code in local_adds:
