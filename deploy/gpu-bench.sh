@@ -15,20 +15,7 @@ if not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch: this script is for a GPU machine")
 print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
-has_gpu_faiss() { "$py" -c "import faiss, sys; sys.exit(0 if hasattr(faiss, 'StandardGpuResources') else 1)"; }
-if [ -z "${UMCD_PYTHON:-}" ] && ! has_gpu_faiss; then
-  # faiss-cpu and faiss-gpu install the same module: swap them, but only once faiss-gpu is in hand,
-  # so that a machine without a package index keeps its working faiss-cpu
-  wheels=$(mktemp -d)
-  if "$py" -m pip download -q -d "$wheels" "faiss-gpu>=1.8,<2"; then
-    "$py" -m pip uninstall -y -q faiss-cpu
-    "$py" -m pip install -q --no-index --find-links "$wheels" "faiss-gpu>=1.8,<2"
-  else
-    echo "faiss-gpu could not be downloaded here: the index stays on the CPU"
-  fi
-  rm -rf "$wheels"
-fi
-has_gpu_faiss && echo "faiss: GPU binary index" || echo "faiss: no GPU support, the index runs on the CPU"
+bash deploy/gpu-faiss.sh  # faiss-gpu when it can be had (never with $UMCD_PYTHON); says which index runs
 mkdir -p "$out"
 "$py" -m umcd.cli bench overhead --device cuda --out "$out"
 "$py" -m umcd.cli bench index --device cuda --out "$out"

@@ -106,7 +106,8 @@ class MicroBatcher(Generic[T, R]):
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop accepting items, finish the batch in progress, fail what is still queued."""
+        """Stop accepting items; finish the batch in progress and the items queued before the stop; fail
+        what is still queued once ``timeout`` seconds have passed (the thread stuck in a batch)."""
         with self._lock:
             self._stopping.set()
             with self._ready:

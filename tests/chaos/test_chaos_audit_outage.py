@@ -82,7 +82,8 @@ def test_a_20_s_postgresql_outage_under_load_loses_nothing_and_acks_nothing_unst
         assert audit["verdict_rows"] == N_REQUESTS
         # a task that gave up would be acknowledged without its verdict stored: none did
         assert errors == [], f"{len(errors)} requests failed instead of retrying, e.g. {errors[:3]}"
-        for key in ("active_without_add", "log_without_image", "log_not_active", "replica_vs_active"):
+        for key in ("active_without_add", "log_without_image", "log_not_active", "replica_vs_active",
+                    "code_mismatch"):
             assert consistency[key] == [], (key, consistency[key][:10])
         assert all(s == consistency["active_images"] for s in sizes.values()), sizes
         assert all(w.alive() for w in fleet.workers.values()), fleet.logs()

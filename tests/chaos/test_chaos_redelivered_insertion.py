@@ -1,4 +1,9 @@
-"""A redelivered insertion whose second scoring disagrees with the stored verdict never enters the index."""
+"""A redelivered insertion whose second scoring disagrees with the stored verdict never enters the index.
+
+No broker here: the redelivery is simulated in process, by writing one request twice through the worker's
+write path (``DetectionRuntime._write``), as a redelivered task does after scoring the image again. Real
+redeliveries (a worker killed mid-batch) are in test_chaos_worker_kill.py.
+"""
 
 from __future__ import annotations
 

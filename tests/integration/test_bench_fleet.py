@@ -88,7 +88,8 @@ def test_quick_fleet_bench_writes_rows_for_every_mode_with_every_request_answere
         stages = cpu["worker_stage_cpu_seconds"]
         assert {"decode", "score", "store", "other"} <= set(stages), stages
         assert all(stages[k] > 0 for k in ("decode", "score", "store")), stages
-        assert sum(stages.values()) == pytest.approx(cpu["cpu_seconds"]["worker"], abs=0.01)
+        # "other" is the workers' CPU outside their own stage accounts: those accounts never exceed it
+        assert stages["other"] >= -0.02 * cpu["cpu_seconds"]["worker"], stages
         assert cpu["worker_stage_ms_per_image"]["score"] == pytest.approx(
             1e3 * stages["score"] / rows[mode]["images"], rel=1e-3)
         # scoring's share of all the fleet's CPU per image: the fleet's side of the ratio

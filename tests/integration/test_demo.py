@@ -45,6 +45,19 @@ def test_the_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path):
         assert row["by_c1"] + row["by_c2"] + row["by_c3"] + row["by_other"] >= row["rejected"], (kind, row)
         assert row["by_other"] == 0, (kind, row)  # the paper's detector has no other criteria
 
+    # the audit store itself, not the demo's account of it: one verdict row per request, none without
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"sqlite:///{art / 'demo' / 'audit.db'}")
+    with engine.connect() as conn:
+        requests = conn.execute(text("SELECT count(*) FROM requests")).scalar_one()
+        verdicts = conn.execute(text("SELECT count(*), count(DISTINCT request_id) FROM verdicts")).one()
+        orphans = conn.execute(text("SELECT count(*) FROM requests r WHERE NOT EXISTS "
+                                    "(SELECT 1 FROM verdicts v WHERE v.request_id = r.request_id)")).scalar_one()
+    engine.dispose()
+    assert requests == audit["requests"] and tuple(verdicts) == (requests, requests) and orphans == 0
+
+    assert len(summary["pids"]) >= 3  # the workers and the embedded broker at least: the check below checks them
     for pid in summary["pids"]:
         alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
         assert not alive, f"process {pid} started by the demo is still running"

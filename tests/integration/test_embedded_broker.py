@@ -189,10 +189,16 @@ def test_stop_stale_stops_a_shared_server_left_by_a_killed_process(artifacts):
 
 
 def test_stop_stale_ignores_a_pidfile_naming_another_process(artifacts):
-    (artifacts / "redis.pid").write_text(f"{os.getpid()}\n")  # pid reuse: not a redis-server
-    assert stop_stale(artifacts) is None
-    assert psutil.pid_exists(os.getpid())
-    assert not (artifacts / "redis.pid").exists()
+    other = subprocess.Popen(["sleep", "60"])  # pid reuse: the pidfile now names a process that is no redis-server
+    try:
+        (artifacts / "redis.pid").write_text(f"{other.pid}\n")
+        assert stop_stale(artifacts) is None
+        time.sleep(0.2)
+        assert other.poll() is None  # left alone: not signalled
+        assert not (artifacts / "redis.pid").exists()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_starting_a_second_server_on_the_same_artifacts_is_refused(artifacts):

@@ -359,6 +359,7 @@ def test_a_message_of_more_than_1024_images_fails_each_one_and_its_array_is_dele
                                          task_id=f"batch-{uuid.uuid4().hex}", queue="detect").get(timeout=60)
     assert summary["failed"] == summary["stored"] == 1025
     results = fleet.client.wait([ids[0], ids[-1]], timeout=30)
+    assert len(results) == 2
     assert all(r.verdict == "error" and "at most 1024 images" in r.reasons[0] for r in results.values())
     assert _array_keys_left(fleet, {key}) == set()
     assert fleet.rows(ids[:5]) == {rid: [] for rid in ids[:5]}  # nothing was scored

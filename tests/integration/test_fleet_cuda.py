@@ -63,6 +63,10 @@ def test_a_gpu_worker_answers_png_array_and_single_requests_as_the_cpu_detector_
         results = client.wait(ids, timeout=300)
         assert set(results) == set(ids), worker.log_text()[-4000:]
         assert "detection runtime started on cuda" in worker.log_text()
+        import faiss
+
+        if hasattr(faiss, "StandardGpuResources"):  # faiss-gpu here (deploy/gpu-faiss.sh): the worker's index is on the GPU
+            assert "the index stays on the CPU" not in worker.log_text(), worker.log_text()[-4000:]
         rows = verdict_rows(db_url, ids)
         assert all(len(v) == 1 for v in rows.values())  # one verdict row per request
         assert {v[0]["worker"].split("@")[0] for v in rows.values()} == {"gpu"}

@@ -170,7 +170,7 @@ def test_a_failing_on_batch_callback_does_not_fail_the_batch():
         assert batcher.submit(5).result(10) == 10
 
 
-def test_stop_fails_queued_items_and_refuses_new_ones():
+def test_stop_finishes_the_items_queued_before_it_and_refuses_new_ones():
     fn = Recorder()
     fn.gate.clear()
     batcher = MicroBatcher(fn, max_size=1, max_wait_s=0.0).start()
@@ -179,16 +179,30 @@ def test_stop_fails_queued_items_and_refuses_new_ones():
     queued = [batcher.submit(x) for x in range(2, 5)]
     stopper = threading.Thread(target=batcher.stop, kwargs={"timeout": 10})
     stopper.start()
+    assert wait_until(lambda: not batcher.running)
+    with pytest.raises(BatcherStopped):  # refused from the moment stop begins
+        batcher.submit(9)
     fn.gate.set()
     stopper.join(10)
     assert running.result(10) == 2  # the batch in progress finishes
-    for f in queued:  # the rest either ran before the stop was seen or were failed by it
-        try:
-            assert f.result(10) in (4, 6, 8)
-        except BatcherStopped:
-            pass
-    with pytest.raises(BatcherStopped):
-        batcher.submit(9)
+    assert [f.result(10) for f in queued] == [4, 6, 8]  # and so does what was queued before the stop
+    assert fn.batches == [[1], [2], [3], [4]]
+
+
+def test_stop_fails_what_is_still_queued_when_its_timeout_passes():
+    fn = Recorder()
+    fn.gate.clear()  # the batch in progress outlasts the stop's timeout
+    batcher = MicroBatcher(fn, max_size=1, max_wait_s=0.0).start()
+    running = batcher.submit(1)
+    assert fn.entered.wait(5)
+    queued = [batcher.submit(x) for x in range(2, 5)]
+    batcher.stop(timeout=0.2)
+    for f in queued:
+        with pytest.raises(BatcherStopped):
+            f.result(1)
+    fn.gate.set()
+    assert running.result(10) == 2  # the batch that was running still answers
+    assert fn.batches == [[1]]  # nothing queued ran after it
 
 
 def test_invalid_limits_are_refused():

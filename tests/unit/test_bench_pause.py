@@ -25,14 +25,8 @@ def test_workers_are_stopped_inside_the_block_and_continued_after_it_also_on_an_
             with _workers_paused(fleet):
                 assert proc.status() == psutil.STATUS_STOPPED
                 assert psutil.Process(other.pid).status() != psutil.STATUS_STOPPED  # only the workers
-                used = sum(proc.cpu_times()[:2])
-                time.sleep(0.3)
-                assert sum(proc.cpu_times()[:2]) - used < 0.02
                 raise RuntimeError("the measurement failed")
-        assert proc.status() != psutil.STATUS_STOPPED
-        used = sum(proc.cpu_times()[:2])
-        time.sleep(0.3)
-        assert sum(proc.cpu_times()[:2]) - used > 0.05  # running again
+        assert proc.status() != psutil.STATUS_STOPPED  # continued, also after the error
         paused_cpu: dict[str, float] = {}  # what the fleet's processes used inside the block, by kind
         with _workers_paused(fleet, paused_cpu):
             time.sleep(0.3)

@@ -94,14 +94,17 @@ def test_checkpoint_round_trip_reproduces_codes_bit_for_bit(tmp_path):
 
 
 def test_a_pickle_checkpoint_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
     class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+        def __reduce__(self):  # unpickling would create the marker file
+            return (marker.touch, ())
 
     path = tmp_path / "evil.pt"
     torch.save({"tensors": {}, "meta": "{}", "x": Evil()}, path)
     with pytest.raises(UnsafeCheckpoint):
         load_checkpoint(path)
+    assert not marker.exists(), "the pickle's code ran"
 
 
 def test_missing_dataset_path_gives_a_clear_error(tmp_path):

@@ -141,11 +141,15 @@ def test_header_size_is_checked_before_pixels_are_decoded(corpus, monkeypatch):
     import workers.imaging as imaging
 
     loads = []
-    monkeypatch.setattr(imaging, "_load", lambda im: loads.append(im.size))
+    real_load = imaging._load
+    monkeypatch.setattr(imaging, "_load", lambda im: loads.append(im.size) or real_load(im))
     for name in ("bomb_30000.png", "header_20000.png", "header_5000.png", "one_by_one.png"):
         with pytest.raises(InvalidImage):
             _decode(corpus[name][0].read_bytes())
     assert loads == []
+    valid = next(path for path, kind in corpus.values() if kind == "valid" and path.suffix == ".png")
+    _decode(valid.read_bytes())  # the control: a valid image does reach the pixel decoder
+    assert len(loads) == 1
 
 
 def test_exif_orientation_is_applied(corpus):
