@@ -170,15 +170,22 @@ def get_settings() -> Settings:
 
 
 def redact_url(url: str | None) -> str:
-    """A URL with any password replaced by ``***`` (safe for logs)."""
+    """A URL with any password replaced by ``***`` (safe for logs): in its user info and in a ``password``
+    query parameter, and in each URL of a ``;``-separated failover list."""
     if not url:
         return str(url)
-    from urllib.parse import urlsplit, urlunsplit
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        user = parts.username or ""
+        netloc = f"{user}:***@{netloc.rsplit('@', 1)[-1]}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() == "password" for k, _ in pairs):
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    host = netloc[-1]
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

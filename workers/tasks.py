@@ -92,6 +92,13 @@ def _screen(task, kind: str, request_id: str, image: Any, client: str | None, su
         raise task.retry(exc=exc, kwargs=kwargs, countdown=backoff_s(outages), max_retries=max_retries) from None
 
 
+#: train, attack and eval are acknowledged when a worker takes them, not when they end. They run for minutes to
+#: hours and are not idempotent (a publish, an attack set, an eval row), and Redis hands a message still unacked
+#: after the broker's visibility timeout (600 s) to a worker again, even while the first one still runs it: a long
+#: training would run twice. A worker that dies in one loses it; the caller sees no Result and sends it again.
+LONG_TASKS_ACK_EARLY = ("umcd.train", "umcd.attack", "umcd.eval")
+
+
 def register_tasks(app) -> dict[str, Any]:
     """Register every task of the contract on ``app``; returns name -> task."""
 
@@ -123,7 +130,7 @@ def register_tasks(app) -> dict[str, Any]:
 
         return run(self, "insert", items, client, submitted_at, source, label)
 
-    @app.task(name="umcd.train", bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name="umcd.train", bind=True, acks_late=False)  # see LONG_TASKS_ACK_EARLY
     def train(self, dataset: str | None = None, bits: int | None = None, backbone: str | None = None,
               epochs: int = 30, seed: int | None = None, target_fpr: float | None = None, publish: bool = True,
               seed_fraction: float = 0.5, **extra: Any) -> dict:
@@ -133,7 +140,7 @@ def register_tasks(app) -> dict[str, Any]:
         return train_and_publish(dataset=dataset, bits=bits, backbone=backbone, epochs=epochs, seed=seed,
                                  target_fpr=target_fpr, publish_model=publish, seed_fraction=seed_fraction)
 
-    @app.task(name="umcd.attack", bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name="umcd.attack", bind=True, acks_late=False)  # see LONG_TASKS_ACK_EARLY
     def attack(self, attack: str, n_images: int = 100, eps: float | None = None, seed: int = 0,
                **params: Any) -> dict:
         """Generate an adversarial set against the active model: PNG files plus an attack_sets row."""
@@ -141,7 +148,7 @@ def register_tasks(app) -> dict[str, Any]:
 
         return generate_attack_set(attack, n_images=n_images, eps=eps, seed=seed, **params)
 
-    @app.task(name="umcd.eval", bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name="umcd.eval", bind=True, acks_late=False)  # see LONG_TASKS_ACK_EARLY
     def evaluate(self, dataset: str | None = None, n_images: int | None = None, seed: int = 0,
                  **params: Any) -> dict:
         """Run the benchmark (core.evaluation.run_benchmark) and record it in eval_runs."""

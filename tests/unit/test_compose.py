@@ -436,12 +436,13 @@ def check_flower_auth(doc: dict) -> list[str]:
         return ["no flower service"]
     command = svc.get("command") or []
     command = command if isinstance(command, list) else command.split()
-    auth = [a for a in command if a.startswith("--basic-auth=")]
+    if any(a.startswith("--basic-auth") for a in command):  # argv is visible to every user of the host (ps)
+        return ["flower: credentials on the command line (--basic-auth): give them as FLOWER_BASIC_AUTH"]
+    auth = (svc.get("environment") or {}).get("FLOWER_BASIC_AUTH")
     if not auth:
-        return ["flower: command has no --basic-auth=USER:PASSWORD"]
-    user_pass = masked(auth[0].split("=", 1)[1])
-    if not re.fullmatch(r"<[A-Za-z_][A-Za-z0-9_]*>:<[A-Za-z_][A-Za-z0-9_]*>", user_pass):
-        return [f"flower: --basic-auth must be ${{USER}}:${{PASSWORD}} from .env, got {auth[0]!r}"]
+        return ["flower: no FLOWER_BASIC_AUTH=USER:PASSWORD in its environment"]
+    if not re.fullmatch(r"<[A-Za-z_][A-Za-z0-9_]*>:<[A-Za-z_][A-Za-z0-9_]*>", masked(str(auth))):
+        return [f"flower: FLOWER_BASIC_AUTH must be ${{USER}}:${{PASSWORD}} from .env, got {auth!r}"]
     return []
 
 
@@ -512,7 +513,8 @@ def test_redis_is_append_only_with_a_password_and_postgres_reads_its_password_fr
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert masked(redis_cmd[redis_cmd.index("--requirepass") + 1]) == "<REDIS_PASSWORD>"
-    assert "redis-cli -a" in services["redis"]["healthcheck"]["test"][1]
+    probe = services["redis"]["healthcheck"]["test"][1]
+    assert "REDISCLI_AUTH=" in probe and "redis-cli ping" in probe and " -a " not in probe  # no password in argv
     assert masked(services["postgres"]["environment"]["POSTGRES_PASSWORD"]) == "<POSTGRES_PASSWORD>"
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"][1]
 
@@ -642,8 +644,10 @@ BAD_COMPOSE = [
     ("environment", "services/gateway/environment/UMCD_GATEWAY_PORT", 8000),
     ("volumes", "services/gateway/volumes", ["uploads:/shared"]),
     ("volumes", "services/prometheus/volumes", ["./deploy/missing.yml:/etc/prometheus/prometheus.yml:ro"]),
-    ("flower", "services/flower/command", ["celery", "-A", "workers.app", "flower", "--port=5555"]),
-    ("flower", "services/flower/command", ["celery", "-A", "workers.app", "flower", "--basic-auth=admin:admin"]),
+    ("flower", "services/flower/environment/FLOWER_BASIC_AUTH", _DELETE),
+    ("flower", "services/flower/environment/FLOWER_BASIC_AUTH", "admin:admin"),
+    ("flower", "services/flower/command", ["celery", "-A", "workers.app", "flower",
+                                           "--basic-auth=${FLOWER_USER}:${FLOWER_PASSWORD}"]),
 ]
 
 

@@ -228,3 +228,17 @@ def test_a_served_calibration_is_the_copy_committed_with_its_row_not_a_file_writ
     assert load_calibration(SimpleNamespace(id=2, path=str(path), meta={})).thresholds == later.thresholds
     with pytest.raises(FileNotFoundError, match="calibration 3"):
         load_calibration(SimpleNamespace(id=3, path=str(tmp_path / "none.json"), meta={}))
+
+
+def test_screening_tasks_are_acknowledged_when_done_and_long_tasks_when_taken():
+    """A screening message is redelivered if its worker dies (its verdict write is idempotent); train, attack and
+    eval are not idempotent and outlast the broker's visibility timeout, so they are acknowledged on receipt."""
+    from celery import Celery
+
+    from workers.tasks import LONG_TASKS_ACK_EARLY, register_tasks
+
+    tasks = register_tasks(Celery("ack-test"))
+    late = {name for name, task in tasks.items() if task.acks_late}
+    assert late == {"umcd.detect", "umcd.screen", "umcd.detect_batch", "umcd.screen_batch"}
+    assert set(tasks) - late == set(LONG_TASKS_ACK_EARLY)
+    assert all(tasks[name].reject_on_worker_lost for name in late)
