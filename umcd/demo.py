@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,13 @@ class Demo:
         self.sent: list[Sent] = []
         self.summary: dict[str, Any] = {}
         self.artifacts = config.artifacts.resolve()
+        # request ids of this run's own: against a persistent broker and audit store (UMCD_BROKER_URL,
+        # UMCD_DATABASE_URL), a fixed id would be answered with an earlier run's stored Result and verdict
+        self.run_id = uuid.uuid4().hex[:6]
+
+    def rid(self, name: str) -> str:
+        """The request id ``demo-<run>-<name>``."""
+        return f"demo-{self.run_id}-{name}"
 
     # ------------------------------------------------------------------ plumbing
     def heading(self, n: int, text: str) -> None:
@@ -245,9 +253,9 @@ class Demo:
 
         cfg = self.cfg
         self.con.rule("[bold]UMCD fleet demo: adversarial images kept out of deep-hashing image search")
-        if self.artifacts.exists():
-            shutil.rmtree(self.artifacts)
+        _clear_demo_folder(self.artifacts)
         self.artifacts.mkdir(parents=True)
+        (self.artifacts / DEMO_MARKER).write_text("a folder of `umcd demo`: each run deletes and rewrites it\n")
         logs = self.artifacts / "logs"
 
         self.heading(0, "Start the fleet (embedded defaults: no servers to install)")
@@ -300,7 +308,7 @@ class Demo:
         rest = np.sort(np.random.default_rng(0).permutation(len(db))[n_seed:])
         images = db.get(rest).numpy()
         labels = db.class_ids[rest]
-        ids = [f"demo-insert-{i}" for i in range(len(rest))]
+        ids = [self.rid(f"insert-{i}") for i in range(len(rest))]
         self._submit(client, "insert", [png_bytes(x) for x in images], ids, "benign insert",
                      labels=[int(v) for v in labels], source="demo")
         got = self._collect(client, "benign insert")
@@ -332,12 +340,12 @@ class Demo:
         t_queries = time.perf_counter()
         n_gw = cfg.gateway_requests
         benign_png = [png_bytes(x) for x in q_images]
-        self._submit(client, "query", benign_png[n_gw:], [f"demo-q-benign-{i}" for i in range(n_gw, len(benign_png))],
+        self._submit(client, "query", benign_png[n_gw:], [self.rid(f"q-benign-{i}") for i in range(n_gw, len(benign_png))],
                      "benign query")
         for name, out in attack_sets.items():
             files = sorted(Path(out["path"]).glob("*.png"))
             self._submit(client, "query", [f.read_bytes() for f in files],
-                         [f"demo-q-{name}-{i}" for i in range(len(files))], ATTACK_KIND[name],
+                         [self.rid(f"q-{name}-{i}") for i in range(len(files))], ATTACK_KIND[name],
                          success=self._success_flags(out))
         with GatewayThread(settings) as gw:
             import httpx
@@ -345,17 +353,17 @@ class Demo:
             files = sorted(Path(attack_sets["dhta"]["path"]).glob("*.png"))[: n_gw // 2]
             with httpx.Client(base_url=gw.url, timeout=30) as http:
                 for i, data in enumerate(benign_png[:n_gw]):
-                    self._post(http, "/v1/query", data, f"demo-gw-benign-{i}", "benign query")
+                    self._post(http, "/v1/query", data, self.rid(f"gw-benign-{i}"), "benign query")
                 flags = self._success_flags(attack_sets["dhta"])
                 for i, f in enumerate(files):
-                    self._post(http, "/v1/query", f.read_bytes(), f"demo-gw-dhta-{i}", "targeted DHTA")
+                    self._post(http, "/v1/query", f.read_bytes(), self.rid(f"gw-dhta-{i}"), "targeted DHTA")
                     self.sent[-1].attack_success = flags.get(f.name)
                 self.con.print(f"{n_gw + len(files)} queries went through the HTTP gateway at {gw.url}/v1/query "
                                f"(OpenAPI at {gw.url}/docs)")
                 # poisoned uploads: targeted adversarial images offered as database insertions
                 dhta = sorted(Path(attack_sets["dhta"]["path"]).glob("*.png"))[-cfg.poisoned_inserts:]
                 for i, f in enumerate(dhta):
-                    self._post(http, "/v1/insert", f.read_bytes(), f"demo-poison-{i}", "poisoned insert",
+                    self._post(http, "/v1/insert", f.read_bytes(), self.rid(f"poison-{i}"), "poisoned insert",
                                source="untrusted-uploader")
                     self.sent[-1].attack_success = flags.get(f.name)
         got = self._collect(client, None)
@@ -573,14 +581,46 @@ class Demo:
             self.broker = None
 
 
+#: the file that marks a folder as the demo's own (each run deletes and rewrites such a folder)
+DEMO_MARKER = ".umcd-demo"
+#: what a demo folder holds (folders written before the marker existed are recognised by these alone)
+_DEMO_ENTRIES = {"attacks", "calibrations", "demo_scores.png", "images", "index", "logs", "models", "references",
+                 "report.md", "results.json", "summary.json", "redis.db", "redis.log", "redis.pid", "redis.sock",
+                 "redis.lock", "audit.db", "audit.db-journal", "audit.db-wal", "audit.db-shm", "audit.db.migrate-lock",
+                 "audit.db.umcd-write.lock", DEMO_MARKER}
+
+
+class DemoFolderInUse(RuntimeError):
+    """The demo's --artifacts folder holds something else: it is not deleted."""
+
+
+def _clear_demo_folder(folder: Path) -> None:
+    """Delete the demo's folder from an earlier run. A folder holding anything else (the artifacts root with a
+    fleet's state and secrets, a checkout) is refused, never deleted."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise DemoFolderInUse(f"{folder} is a file: give --artifacts a folder of the demo's own")
+    entries = {p.name for p in folder.iterdir()}
+    if (folder / DEMO_MARKER).is_file() or entries <= _DEMO_ENTRIES:
+        shutil.rmtree(folder)
+        return
+    foreign = sorted(entries - _DEMO_ENTRIES)
+    raise DemoFolderInUse(f"{folder} holds more than an earlier demo ({', '.join(foreign[:5])}"
+                          f"{', ...' if len(foreign) > 5 else ''}): the demo deletes its folder on each run, so give "
+                          "--artifacts a folder of its own (default artifacts/demo)")
+
+
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     demo = Demo(config)
 
     def _on_signal(signum, frame):  # stop children before leaving
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = signal.signal(signal.SIGTERM, _on_signal)
+    # SIGHUP too: a closed terminal must stop the workers as Ctrl-C does (they run in sessions of their own)
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return demo.run()
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -162,6 +162,40 @@ class DetectionRuntimeStep(bootsteps.StartStopStep):
 
 app.steps["worker"].add(DetectionRuntimeStep)
 
+#: the queues of the cpu worker's tasks, by task name (their outcomes are counted in umcd_requests_total)
+LONG_TASK_QUEUES = {"umcd.train": "train", "umcd.attack": "attack", "umcd.eval": "eval"}
+
+
+class MonitoringStep(bootsteps.StartStopStep):
+    """Worker bootstep of the workers that serve no detection (the cpu worker: train, attack, eval): our log
+    level and the /metrics endpoint (``UMCD_METRICS_PORT``), which a detection worker gets from its runtime.
+    Its health check and Prometheus read that endpoint."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.enabled = not _serves_detection(worker)
+
+    def start(self, worker):
+        from workers import metrics
+
+        _configure_logging()
+        metrics.serve(get_settings().metrics_port)
+
+
+app.steps["worker"].add(MonitoringStep)
+
+
+@signals.task_postrun.connect
+def _count_long_task(sender=None, state=None, **_):
+    """``umcd_requests_total{queue=train|attack|eval, outcome=ok|error}`` (detect and screen count verdicts)."""
+    queue = LONG_TASK_QUEUES.get(getattr(sender, "name", None))
+    if queue is not None and state in ("SUCCESS", "FAILURE"):
+        from workers import metrics
+
+        metrics.count(queue, "ok" if state == "SUCCESS" else "error")
+
 
 @signals.worker_process_init.connect
 def _start_in_child(**_):

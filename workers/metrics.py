@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 REQUESTS = Counter(
-    "umcd_requests", "Screening requests answered, by queue (detect, screen) and outcome "
-    "(benign, adversarial, invalid_input, error).", ["queue", "outcome"])
+    "umcd_requests", "Tasks finished, by queue and outcome: screening requests (detect, screen) by verdict "
+    "(benign, adversarial, invalid_input, error); train, attack and eval tasks ok or error.", ["queue", "outcome"])
 BATCH_SIZE = Histogram(
     "umcd_batch_size", "Images per model batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
 MODEL_LATENCY = Histogram(

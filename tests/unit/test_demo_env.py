@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -16,3 +18,36 @@ def test_the_demo_workers_get_the_device_the_demo_was_given(device, monkeypatch,
     assert env["UMCD_DEVICE"] == device
     assert "UMCD_BATCH_MAX_SIZE" not in env
     assert env["UMCD_ARTIFACTS"] == str(tmp_path.resolve())
+
+
+def test_the_demo_deletes_only_a_folder_of_its_own(tmp_path):
+    """`umcd demo --artifacts DIR` rewrites DIR; a DIR holding anything else (the artifacts root with a running
+    fleet's state and secrets) is refused and left as it was."""
+    from umcd.demo import DEMO_MARKER, DemoFolderInUse, _clear_demo_folder
+
+    marked = tmp_path / "marked"
+    (marked / "anything").mkdir(parents=True)
+    (marked / DEMO_MARKER).write_text("x")
+    _clear_demo_folder(marked)
+    assert not marked.exists()
+    older = tmp_path / "older"  # a demo folder from before the marker: recognised by its entries
+    (older / "logs").mkdir(parents=True)
+    (older / "audit.db").write_text("x")
+    _clear_demo_folder(older)
+    assert not older.exists()
+    root = tmp_path / "artifacts"
+    (root / "fleet").mkdir(parents=True)
+    (root / "fleet" / "state.json").write_text("{}")
+    (root / "logs").mkdir()
+    with pytest.raises(DemoFolderInUse, match="holds more than an earlier demo \\(fleet\\)"):
+        _clear_demo_folder(root)
+    assert (root / "fleet" / "state.json").is_file() and (root / "logs").is_dir()
+    _clear_demo_folder(tmp_path / "never-made")  # nothing there: nothing to do
+
+
+def test_each_demo_run_sends_request_ids_of_its_own():
+    from umcd.demo import Demo, DemoConfig
+
+    first, second = Demo(DemoConfig.small(Path("a"))), Demo(DemoConfig.small(Path("a")))
+    assert first.rid("q-dhta-0") != second.rid("q-dhta-0")
+    assert first.rid("q-dhta-0").startswith("demo-") and first.rid("q-dhta-0").endswith("-q-dhta-0")

@@ -242,3 +242,35 @@ def test_screening_tasks_are_acknowledged_when_done_and_long_tasks_when_taken():
     assert late == {"umcd.detect", "umcd.screen", "umcd.detect_batch", "umcd.screen_batch"}
     assert set(tasks) - late == set(LONG_TASKS_ACK_EARLY)
     assert all(tasks[name].reject_on_worker_lost for name in late)
+
+
+def test_the_cpu_worker_serves_metrics_and_counts_its_tasks(monkeypatch):
+    """A worker of train, attack and eval loads no detection runtime, yet its /metrics (its health check and
+    Prometheus target) and its task counts must exist."""
+    from types import SimpleNamespace
+
+    from workers import app as worker_app
+    from workers import metrics
+
+    def worker(queues):
+        amqp = SimpleNamespace(queues=SimpleNamespace(consume_from=queues))
+        return SimpleNamespace(app=SimpleNamespace(amqp=amqp), pool_cls="threads", hostname="w")
+
+    cpu, detect = worker({"train": 1, "attack": 1, "eval": 1}), worker({"detect": 1, "screen": 1})
+    assert worker_app.MonitoringStep(cpu).enabled and not worker_app.MonitoringStep(detect).enabled
+    assert worker_app.DetectionRuntimeStep(detect).enabled and not worker_app.DetectionRuntimeStep(cpu).enabled
+    served = []
+    monkeypatch.setattr(metrics, "serve", served.append)
+    monkeypatch.setattr(worker_app, "get_settings", lambda: SimpleNamespace(metrics_port=9100, log_level="INFO"))
+    worker_app.MonitoringStep(cpu).start(cpu)
+    assert served == [9100]
+
+    def counted(queue, outcome):
+        return metrics.REQUESTS.labels(queue=queue, outcome=outcome)._value.get()
+
+    before = counted("train", "ok"), counted("eval", "error")
+    worker_app._count_long_task(sender=SimpleNamespace(name="umcd.train"), state="SUCCESS")
+    worker_app._count_long_task(sender=SimpleNamespace(name="umcd.eval"), state="FAILURE")
+    worker_app._count_long_task(sender=SimpleNamespace(name="umcd.detect"), state="SUCCESS")  # counted by verdict
+    worker_app._count_long_task(sender=SimpleNamespace(name="umcd.train"), state="RETRY")
+    assert (counted("train", "ok"), counted("eval", "error")) == (before[0] + 1, before[1] + 1)

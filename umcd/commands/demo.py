@@ -21,13 +21,17 @@ def demo(
     """Train, publish, fill the database, attack, query, and report, through the real fleet."""
     import json
 
-    from umcd.demo import DemoConfig, run_demo
+    from umcd.demo import DemoConfig, DemoFolderInUse, run_demo
     from umcd.settings import get_settings
 
     folder = artifacts or (get_settings().artifacts / "demo")
     cfg = DemoConfig.small(folder) if small else DemoConfig(artifacts=folder)
     if epochs:
         cfg.epochs = epochs
-    summary = run_demo(cfg)
+    try:
+        summary = run_demo(cfg)
+    except DemoFolderInUse as exc:
+        typer.echo(f"umcd demo: {exc}", err=True)
+        raise typer.Exit(2) from None
     if json_out:
         json_out.write_text(json.dumps(summary, indent=1, default=str))
