@@ -1075,3 +1075,10 @@ def test_prometheus_config_parses_and_scrapes_workers_gateway_and_flower(service
     mounts = dict(_volume_entries(services["prometheus"]))
     config_file = next(a.split("=", 1)[1] for a in services["prometheus"]["command"] if a.startswith("--config.file="))
     assert mounts["./deploy/prometheus.yml"] == config_file
+
+
+def test_a_detection_worker_started_by_hand_gets_the_threads_compose_and_the_fleet_give_it(services):
+    from umcd.commands.worker import DEFAULT_DETECT_CONCURRENCY
+
+    command = services["detect-worker"]["command"]
+    assert int(command[command.index("--concurrency") + 1]) == DEFAULT_DETECT_CONCURRENCY

@@ -16,8 +16,9 @@ KINDS: dict[str, dict[str, str]] = {
     # training, attacks and the benchmark: one heavy task at a time
     "cpu": {"queues": "train,attack,eval", "pool": "solo", "name": "cpu@%h"},
 }
-#: threads of a detection worker: more than one batch's worth, so that batches fill under load
-DEFAULT_DETECT_CONCURRENCY = 32
+#: threads of a detection worker: enough for batches to fill under load; the value the fleet, the demo and
+#: compose run with (README, Performance: the fleet's figures, its memory, the 4-thread trial)
+DEFAULT_DETECT_CONCURRENCY = 16
 #: messages reserved per thread (Celery's prefetch multiplier)
 DEFAULT_PREFETCH_MULTIPLIER = 1
 
