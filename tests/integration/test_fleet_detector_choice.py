@@ -50,7 +50,9 @@ def test_publish_builds_the_feature_reference_where_workers_look_for_it(fleet):
         assert cal.id == published.calibration_id and cal.meta["reference"] == str(expected)
 
 
-def test_every_verdict_row_records_umcd_trust_input_and_its_input_space_trust_score(fleet):
+def test_every_verdict_row_records_umcd_trust_input_its_trust_threshold_and_what_fired(fleet):
+    """The Results carry the input-space trust score; the verdict row keeps the detector, the trust threshold and
+    the criteria that fired (its score columns are the paper's C1, C2, C3 and the combined score)."""
     pngs = digits_query_pngs()
     client = fleet.client
     query_ids = client.submit_queries(pngs[:N_QUERIES], client="detector-choice")
