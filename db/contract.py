@@ -84,8 +84,9 @@ def result_from_verdict(row: dict[str, Any]) -> dict[str, Any]:
     must not get retrieval feedback on an image that was refused.
     """
     scores = None
-    if row.get("c1") is not None or row.get("combined") is not None:
+    if row.get("c1") is not None or row.get("combined") is not None or row.get("extra_scores"):
         scores = {k: row.get(k) for k in ("c1", "c2", "c3", "combined") if row.get(k) is not None}
+        scores.update(row.get("extra_scores") or {})  # an extension detector's other criteria
     benign = row["verdict"] == "benign"
     return {
         "request_id": row["request_id"],

@@ -176,6 +176,8 @@ class Verdict(Base):
     c2: Mapped[float | None] = mapped_column(Float)  # quantization loss ||h - f||_1
     c3: Mapped[float | None] = mapped_column(Float)  # continuous Hamming disagreement with t(x), bits
     combined: Mapped[float | None] = mapped_column(Float)
+    #: scores of the detector's criteria beyond C1, C2 and C3 (extension detectors: {"trust@in": ...}); None
+    extra_scores: Mapped[dict[str, float] | None] = mapped_column(JSON)
     thresholds: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     fired: Mapped[list[str]] = mapped_column(JSON, default=list)  # subset of ["c1", "c2", "c3"]
     detector: Mapped[str | None] = mapped_column(String(64))

@@ -171,6 +171,8 @@ def verdict_fields_from_result(result: Mapping[str, Any]) -> dict[str, Any]:
     }
     for key in (*CRITERIA, "combined"):
         fields[key] = scores.get(key)
+    extra = {k: v for k, v in scores.items() if k not in CRITERIA and k != "combined"}
+    fields["extra_scores"] = extra or None  # the criteria of extension detectors (trust@in, ...)
     for key in ("queue", "model", "search", "total"):
         fields[f"latency_{key}_ms"] = latency.get(key)
     return fields

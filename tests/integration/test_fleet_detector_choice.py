@@ -50,9 +50,7 @@ def test_publish_builds_the_feature_reference_where_workers_look_for_it(fleet):
         assert cal.id == published.calibration_id and cal.meta["reference"] == str(expected)
 
 
-def test_every_verdict_row_records_umcd_trust_input_its_trust_threshold_and_what_fired(fleet):
-    """The Results carry the input-space trust score; the verdict row keeps the detector, the trust threshold and
-    the criteria that fired (its score columns are the paper's C1, C2, C3 and the combined score)."""
+def test_every_verdict_row_records_umcd_trust_input_and_its_input_space_trust_score(fleet):
     pngs = digits_query_pngs()
     client = fleet.client
     query_ids = client.submit_queries(pngs[:N_QUERIES], client="detector-choice")
@@ -83,6 +81,7 @@ def test_every_verdict_row_records_umcd_trust_input_its_trust_threshold_and_what
         if rid != invalid_id:
             assert "trust@in" in row["thresholds"] and set(row["fired"]) <= set(row["thresholds"])
             assert row["fired"] == results[rid].fired
+            assert row["extra_scores"] == {"trust@in": pytest.approx(results[rid].scores["trust@in"])}
     for rid in insert_ids:
         assert (rows[rid][0]["image_id"] is not None) == (results[rid].verdict == "benign")
 

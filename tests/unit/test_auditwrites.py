@@ -84,7 +84,7 @@ def test_sqlite_rows_hold_the_same_bytes_as_sqlalchemys_own_insert_also_across_s
                            received_at=when.replace(tzinfo=None) if n % 2 else 1_700_000_001.5)
         verdict = _verdict(rid, "adversarial" if n % 3 else "benign", thresholds=None if n % 2 else {"c1": 1.0},
                            topk=None if n == 4 else {"ids": [n, 7], "distances": [0, 2]}, image_id=n or None,
-                           created_at=when)
+                           extra_scores={"trust@in": 0.5 * n} if n % 2 else None, created_at=when)
         return request, verdict
 
     def columns(table) -> list[str]:
@@ -126,3 +126,23 @@ def test_sqlite_rows_hold_the_same_bytes_as_sqlalchemys_own_insert_also_across_s
         assert raw.execute("SELECT count(*) FROM verdicts").fetchone() == (12,)
     finally:
         raw.close()
+
+
+def test_an_extension_detectors_other_scores_are_kept_in_the_row_and_come_back_in_its_result(db_url):
+    from db.contract import result_from_verdict
+
+    result = {"request_id": "ext-1", "kind": "query", "verdict": "adversarial", "reasons": ["trust@in fired"],
+              "fired": ["trust@in"], "scores": {"c1": 1.5, "c2": 9.0, "c3": 0.25, "trust@in": 4.5, "combined": 2.0},
+              "thresholds": {"c1": 3.0, "c2": 2.0, "c3": 1.0, "trust@in": 4.0}, "topk": None, "image_id": None,
+              "model_version": "abc", "calibration_id": 1, "detector": "umcd-trust-input", "batch_size": 2,
+              "latency_ms": {"queue": 1.0, "model": 2.0, "search": 0.5, "total": 4.0}, "worker": "w@h"}
+    fields = repo.verdict_fields_from_result(result)
+    assert fields["extra_scores"] == {"trust@in": 4.5}
+    assert repo.verdict_fields_from_result({**result, "scores": {"c1": 1.0}})["extra_scores"] is None
+    with session_scope(db_url) as s:
+        record_requests(s, [_request("ext-1")])
+        assert write_verdicts(s, [fields]) == {"ext-1"}
+    with session_scope(db_url) as s:
+        row = repo.row_dict(repo.get_verdict(s, "ext-1"))
+    assert row["extra_scores"] == {"trust@in": 4.5}
+    assert result_from_verdict(row)["scores"] == result["scores"]
