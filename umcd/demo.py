@@ -602,10 +602,11 @@ def _clear_demo_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise DemoFolderInUse(f"{folder} is a file: give --artifacts a folder of the demo's own")
     entries = {p.name for p in folder.iterdir()}
-    if (folder / DEMO_MARKER).is_file() or entries <= _DEMO_ENTRIES:
+    ours = (folder / DEMO_MARKER).is_file() or entries <= _DEMO_ENTRIES
+    if ours and not (folder / "fleet").exists():  # never a folder holding a fleet's state and secrets
         shutil.rmtree(folder)
         return
-    foreign = sorted(entries - _DEMO_ENTRIES)
+    foreign = sorted(entries - _DEMO_ENTRIES) or ["fleet"]
     raise DemoFolderInUse(f"{folder} holds more than an earlier demo ({', '.join(foreign[:5])}"
                           f"{', ...' if len(foreign) > 5 else ''}): the demo deletes its folder on each run, so give "
                           "--artifacts a folder of its own (default artifacts/demo)")

@@ -42,6 +42,10 @@ def test_the_demo_deletes_only_a_folder_of_its_own(tmp_path):
     with pytest.raises(DemoFolderInUse, match="holds more than an earlier demo \\(fleet\\)"):
         _clear_demo_folder(root)
     assert (root / "fleet" / "state.json").is_file() and (root / "logs").is_dir()
+    (root / DEMO_MARKER).write_text("x")  # even marked (an earlier demo run there): a fleet under it is kept
+    with pytest.raises(DemoFolderInUse):
+        _clear_demo_folder(root)
+    assert (root / "fleet" / "state.json").is_file()
     _clear_demo_folder(tmp_path / "never-made")  # nothing there: nothing to do
 
 
