@@ -63,6 +63,8 @@ def as_epoch(value: Any) -> float | None:
         return None
     try:
         seconds = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
     except (TypeError, ValueError):
         if not isinstance(value, str):
             return None
