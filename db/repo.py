@@ -69,6 +69,12 @@ def _lock_index_log(session: Session) -> None:
     _xact_lock(session, "umcd.index_log")
 
 
+def lock_seeding(session: Session) -> None:
+    """Serialise publishers seeding the database until the transaction ends (PostgreSQL; on SQLite the
+    caller's write session holds the store's write lock), so that two cannot both find it empty."""
+    _xact_lock(session, "umcd.seed")
+
+
 def as_datetime(value: datetime | float | int | str | None) -> datetime | None:
     """A timezone-aware UTC datetime from a datetime, epoch seconds or ISO-8601 text (None stays None)."""
     if value is None:

@@ -92,6 +92,7 @@ def seed_database(session, ckpt, splits, artifacts: str | Path, *, fraction: flo
     """
     from PIL import Image
 
+    repo.lock_seeding(session)  # two publishes at once: the second finds the first's images and seeds none
     already = session.execute(select(func.count()).select_from(DbImage).where(DbImage.source == source)).scalar()
     if already:
         return 0
@@ -215,7 +216,7 @@ def publish(
     _say(progress, f"publishing model {version} ({meta.backbone}, {meta.bits} bits, {meta.dataset})")
     splits = load_dataset(meta.dataset, data_root or settings.data_root, seed=meta.split_seed)
 
-    with session_scope(engine) as s:
+    with session_scope(engine, write=True) as s:  # on SQLite, the write lock serialises concurrent seeding
         n_seeded = seed_database(s, ckpt, splits, artifacts, fraction=seed_fraction, source=seed_source, seed=seed)
     if n_seeded:
         _say(progress, f"seeded the database with {n_seeded} trusted images of {meta.dataset}")

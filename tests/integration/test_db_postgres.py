@@ -231,6 +231,29 @@ def test_concurrent_publishes_leave_exactly_one_active_model_version(db_url):
         assert s.execute(select(func.count()).select_from(ModelVersion)).scalar_one() == 4
 
 
+def test_publishers_seeding_at_once_seed_the_database_once_on_both_dialects(db_url, tmp_path):
+    """Each finds the store empty only if none has seeded yet: the count and the inserts run under one lock."""
+    from core.checkpoint import load_checkpoint, save_untrained_checkpoint
+    from core.datasets import load_dataset
+    from workers.publish import seed_database
+
+    ckpt = load_checkpoint(save_untrained_checkpoint(tmp_path / "untrained.safetensors", 16))
+    splits = load_dataset("digits")
+    engine = make_engine(db_url)
+    seeded: list[int] = []
+
+    def publisher(w: int) -> None:
+        with session_scope(engine, write=True) as s:
+            seeded.append(seed_database(s, ckpt, splits, tmp_path, fraction=0.05, source="seed", seed=0))
+
+    assert _run_threads(3, publisher) == []
+    n = round(len(splits.database) * 0.05)
+    assert sorted(seeded) == [0, 0, n]
+    with session_scope(engine) as s:
+        assert s.execute(select(func.count()).select_from(DbImage).where(DbImage.source == "seed")).scalar_one() == n
+        assert s.execute(select(func.count()).select_from(IndexLog)).scalar_one() == n
+
+
 @on_postgresql
 def test_audit_queries_and_index_log_on_postgresql(db_url):
     engine = make_engine(db_url)
