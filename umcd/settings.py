@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     flower_password: SecretStr | None = None
 
     log_level: str = "INFO"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_blank_key(cls, value: Any) -> Any:
+        """A blank UMCD_API_KEY (the .env template's empty line) is no key, not a key an empty header matches:
+        the gateway then says it runs without one."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if raw is None or (isinstance(raw, str) and not raw.strip()) else value
 
     @field_validator("worker_cpus")
     @classmethod

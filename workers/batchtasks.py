@@ -91,13 +91,15 @@ def store_item_results(backend: Any, entries: list[tuple[str, dict | BaseExcepti
     _store_script(client)(keys=keys, args=[int(expires) if expires else 0, *values], client=client)
 
 
-def release_arrays(runtime: Any, items: list[dict]) -> int:
-    """Delete the pixel arrays in Redis that ``items`` (a message whose every item now has its Result) read.
+def release_arrays(runtime: Any, items: list[dict], message_id: str | None) -> int:
+    """Delete the pixel array in Redis of message ``message_id`` once its ``items`` all have their Results.
 
-    A pixel array belongs to the one message that references it (the SDK stores one per message), so once
-    the message is answered nobody reads it again: a redelivery answers from the audit store. Without
-    this, each array would sit in Redis for its whole TTL (``image_ref_ttl_s``). Returns how many keys
-    were deleted; a failure is logged and left to the TTL.
+    A pixel array belongs to the one message that references it: the SDK stores it under
+    ``umcd:img:<message id>``, so once the message is answered nobody reads it again (a redelivery answers
+    from the audit store). Without this, each array would sit in Redis for its whole TTL
+    (``image_ref_ttl_s``). Only that key is deleted: an item naming another key (another message's array, a
+    single image's key) deletes nothing. Returns how many keys were deleted; a failure is logged and left to
+    the TTL.
     """
     from workers.imaging import InvalidImage, array_ref_source, image_redis_key
 
@@ -107,8 +109,9 @@ def release_arrays(runtime: Any, items: list[dict]) -> int:
             spot = array_ref_source(item.get("image"))
         except InvalidImage:
             continue
-        if spot is not None and spot[0] == "redis_key" and image_redis_key(spot[1]):
-            keys.add(spot[1])  # only the keys the worker would read: a crafted reference deletes nothing else
+        if (spot is not None and spot[0] == "redis_key" and image_redis_key(spot[1]) and message_id
+                and spot[1] == f"umcd:img:{message_id}"):
+            keys.add(spot[1])  # this message's own array: a crafted reference deletes nothing else
     client = runtime.redis if keys else None
     if client is None:
         return 0
@@ -154,9 +157,16 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     if len(good) > MAX_BATCH_ITEMS:
         error = ValueError(f"a batch message holds at most {MAX_BATCH_ITEMS} images, got {len(good)}: "
                            "send smaller batches")
-        store_item_results(task.backend, [(it["request_id"], error) for it in good])
-        release_arrays(get_runtime(broker_url=task.app.conf.broker_url), good)
-        return {"items": len(items), "stored": len(good), "verdicts": {}, "failed": len(good), "retrying": 0,
+        runtime = get_runtime(broker_url=task.app.conf.broker_url)
+        from db import repo
+        from db.session import session_scope
+
+        with session_scope(runtime.engine) as s:  # an id answered before keeps its Result: never overwritten here
+            answered = repo.answered(s, [it["request_id"] for it in good])
+        failed = [(it["request_id"], error) for it in good if it["request_id"] not in answered]
+        store_item_results(task.backend, failed)
+        release_arrays(runtime, good, task.request.id)
+        return {"items": len(items), "stored": len(failed), "verdicts": {}, "failed": len(failed), "retrying": 0,
                 "rejected": rejected}
 
     runtime = get_runtime(broker_url=task.app.conf.broker_url)
@@ -194,7 +204,7 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     finally:
         metrics.add_cpu("answer", time.thread_time() - cpu)
     if not again:
-        release_arrays(runtime, good)
+        release_arrays(runtime, good, task.request.id)
     summary = {
         "items": len(items), "stored": len(done),
         "verdicts": dict(Counter(o["verdict"] for _, o in done if isinstance(o, dict))),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -288,17 +289,20 @@ def _read_path(path_text: Any, allowed_roots: Sequence[Path | str] | None, max_b
     if "\x00" in path_text:
         raise InvalidImage("bad image reference: 'path' contains a NUL byte", "bad_reference")
     path = Path(path_text)
+    roots = [Path(r).resolve() for r in allowed_roots] if allowed_roots is not None else None
+    outside = InvalidImage(f"image path outside the allowed directories: {path_text}", "bad_reference")
+    if roots is not None:  # decided on the name first: nothing outside the roots is looked at (no existence oracle)
+        lexical = Path(os.path.normpath(os.path.abspath(path)))
+        if not any(lexical.is_relative_to(root) for root in roots):
+            raise outside
     try:
         resolved = path.resolve(strict=True)  # follows symlinks, so a link cannot escape the roots
     except FileNotFoundError:
         raise InvalidImage(f"image path not found: {path_text}", "bad_reference") from None
     except (OSError, RuntimeError) as exc:
-        raise InvalidImage(f"image path unreadable: {path_text} ({exc})", "bad_reference") from None
-    if allowed_roots is not None:
-        roots = [Path(r).resolve() for r in allowed_roots]
-        if not any(resolved.is_relative_to(root) for root in roots):
-            raise InvalidImage(
-                f"image path outside the allowed directories: {path_text}", "bad_reference")
+        raise InvalidImage(f"image path unreadable: {path_text} ({type(exc).__name__})", "bad_reference") from None
+    if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
+        raise outside
     if not resolved.is_file():
         raise InvalidImage(f"image path is not a regular file: {path_text}", "bad_reference")
     try:
@@ -468,12 +472,15 @@ def pixels_to_model(images: np.ndarray, size: tuple[int, int] = (32, 32)) -> np.
 def pixels_at_size(images: np.ndarray, size: tuple[int, int] = (32, 32)) -> np.ndarray:
     """``(k, H, W, C)`` uint8 (C 1 or 3) -> ``(k, size[1], size[0], 3)`` uint8 RGB: :func:`pixels_to_model`
     before the conversion to float (what :func:`decode_pixels` gives for an image file of those pixels)."""
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    if images.shape[1:3] != (size[1], size[0]):
-        images = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(size, RESAMPLE, reducing_gap=3.0))
-                           for im in images])
-    return images
+    if images.shape[1:3] == (size[1], size[0]):
+        return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+    return np.stack([_rgb_at_size(im, size) for im in images])  # one full-size image in memory at a time
+
+
+def _rgb_at_size(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, RESAMPLE, reducing_gap=3.0))
 
 
 def pixels_png(image: np.ndarray) -> bytes:

@@ -97,6 +97,16 @@ class BatchItem:
     # query from a pixel array, a PNG of its pixels for an insertion from one
 
 
+def _shared_ref(ref: Any) -> tuple[str, str] | None:
+    """``(kind, key or path)`` of a ``redis_key`` or ``path`` ImageRef (what several items of a message may name
+    alike), None for any other."""
+    if isinstance(ref, dict) and len(ref) == 1:
+        kind, value = next(iter(ref.items()))
+        if kind in ("redis_key", "path") and isinstance(value, str):
+            return kind, value
+    return None
+
+
 def load_calibration(row: Any) -> Calibration:
     """The full calibration of a ``calibrations`` row: the copy committed in its ``meta``, else its JSON file.
 
@@ -470,6 +480,7 @@ class DetectionRuntime:
         size = state.image_size if state is not None else DEFAULT_IMAGE_SIZE
         decoded: list[tuple[int, BatchItem]] = []
         in_arrays: dict[tuple[str, str], list[tuple[int, int]]] = {}  # array source -> [(item, index)]
+        fetched: dict[tuple[str, str], bytes] = {}  # a redis_key or path named by several items: read once
         cpu = time.thread_time()
         for i, (request, ref) in enumerate(zip(requests, image_refs)):
             try:
@@ -479,10 +490,17 @@ class DetectionRuntime:
                 if spot is not None:
                     in_arrays.setdefault(spot[:2], []).append((i, spot[2]))
                     continue
-                data = resolve_image_ref(ref, self.redis, allowed_roots=self.settings.image_roots,
-                                         max_bytes=self.settings.max_image_bytes)
+                shared = _shared_ref(ref)
+                data = fetched.get(shared) if shared is not None else None
+                if data is None:
+                    data = resolve_image_ref(ref, self.redis, allowed_roots=self.settings.image_roots,
+                                             max_bytes=self.settings.max_image_bytes)
+                    if shared is not None:
+                        fetched[shared] = data
                 request.image_bytes = len(data)
-                decoded.append((i, BatchItem(request, decode_pixels_for_model(data, self.settings, size), data)))
+                # a query's bytes are not kept once decoded (an insertion's are stored with its row)
+                decoded.append((i, BatchItem(request, decode_pixels_for_model(data, self.settings, size),
+                                             data if request.kind == "insert" else b"")))
             except InvalidImage as exc:
                 outcomes[i] = self._invalid_outcome(request, exc)
             except Exception as exc:  # noqa: BLE001 - e.g. Redis down while reading a redis_key image
@@ -553,13 +571,18 @@ class DetectionRuntime:
                     "bad_reference"))
         if not good:
             return
-        images = pixels_at_size(pixels[[index for _, index in good]], (size, size))
+        # each distinct image once: a message may name one index many times, and copying (or encoding) it
+        # per item would turn one image of the array into up to 1024 full-size copies
+        unique, inverse = np.unique(np.array([index for _, index in good]), return_inverse=True)
+        images = pixels_at_size(pixels[unique], (size, size))
         image_bytes = int(np.prod(pixels.shape[1:]))
-        for (i, index), image in zip(good, images):
+        pngs: dict[int, bytes] = {}
+        for (i, index), j in zip(good, inverse.reshape(-1)):
             request = requests[i]
             request.image_bytes = image_bytes
-            data = pixels_png(pixels[index]) if request.kind == "insert" else b""
-            decoded.append((i, BatchItem(request, image, data)))
+            if request.kind == "insert" and index not in pngs:
+                pngs[index] = pixels_png(pixels[index])
+            decoded.append((i, BatchItem(request, images[j], pngs.get(index, b"") if request.kind == "insert" else b"")))
 
     def answer_invalid(self, request: ScreenRequest, reason: str) -> dict:
         """Store and return the ``invalid_input`` verdict of a request."""

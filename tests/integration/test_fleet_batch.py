@@ -290,14 +290,15 @@ def test_a_missing_array_or_an_index_past_its_end_answers_invalid_input_and_the_
     raw = redis_lib.Redis.from_url(fleet.settings.broker_url)
     buf = io.BytesIO()
     np.save(buf, _pixels(digit_pngs[:3]))
-    key, gone = f"umcd:img:arr-{uuid.uuid4().hex}", f"umcd:img:never-{uuid.uuid4().hex}"
+    message = f"batch-{uuid.uuid4().hex}"
+    key, gone = f"umcd:img:{message}", f"umcd:img:never-{uuid.uuid4().hex}"  # the SDK keys an array by its message
     raw.set(key, buf.getvalue(), ex=600)
     ids = [f"arr-{uuid.uuid4().hex[:8]}-{i}" for i in range(5)]
     refs = [{"redis_key": key, "index": 0}, {"redis_key": key, "index": 2}, {"redis_key": key, "index": 3},
             {"redis_key": gone, "index": 0}, {"redis_key": gone, "index": 1}]
     items = [{"request_id": rid, "image": {"array": ref}} for rid, ref in zip(ids, refs)]
     summary = fleet.client.app.send_task("umcd.detect_batch", kwargs={"items": items, "submitted_at": time.time()},
-                                         task_id=f"batch-{uuid.uuid4().hex}", queue="detect").get(timeout=60)
+                                         task_id=message, queue="detect").get(timeout=60)
     assert summary["stored"] == 5 and summary["failed"] == 0 and summary["verdicts"].get("invalid_input") == 3
     results = fleet.client.wait(ids, timeout=30)
     assert [results[rid].verdict != "invalid_input" for rid in ids] == [True, True, False, False, False]
@@ -344,22 +345,29 @@ def test_a_message_redelivered_after_its_array_was_deleted_answers_from_the_audi
 
 
 def test_a_message_of_more_than_1024_images_fails_each_one_and_its_array_is_deleted(fleet, digit_pngs):
+    """Each item fails with the reason, except an id answered before, whose Result such a message (anyone's,
+    naming ids it knows) must not overwrite."""
     import io
 
     import redis as redis_lib
 
+    (victim,) = fleet.client.submit_queries(digit_pngs[:1])
+    before = fleet.client.wait([victim], timeout=60)[victim]
+    assert before.verdict in ("benign", "adversarial")
     raw = redis_lib.Redis.from_url(fleet.settings.broker_url)
     buf = io.BytesIO()
     np.save(buf, _pixels(digit_pngs[:1]))
-    key = f"umcd:img:big-{uuid.uuid4().hex}"
+    message = f"batch-{uuid.uuid4().hex}"
+    key = f"umcd:img:{message}"  # the SDK's key of a message's array
     raw.set(key, buf.getvalue(), ex=600)
-    ids = [f"big-{uuid.uuid4().hex[:8]}-{i}" for i in range(1025)]
+    ids = [f"big-{uuid.uuid4().hex[:8]}-{i}" for i in range(1024)] + [victim]
     items = [{"request_id": rid, "image": {"array": {"redis_key": key, "index": 0}}} for rid in ids]
     summary = fleet.client.app.send_task("umcd.detect_batch", kwargs={"items": items, "submitted_at": time.time()},
-                                         task_id=f"batch-{uuid.uuid4().hex}", queue="detect").get(timeout=60)
-    assert summary["failed"] == summary["stored"] == 1025
-    results = fleet.client.wait([ids[0], ids[-1]], timeout=30)
+                                         task_id=message, queue="detect").get(timeout=60)
+    assert summary["failed"] == summary["stored"] == 1024
+    results = fleet.client.wait([ids[0], ids[-2]], timeout=30)
     assert len(results) == 2
     assert all(r.verdict == "error" and "at most 1024 images" in r.reasons[0] for r in results.values())
+    assert fleet.client.wait([victim], timeout=30)[victim].to_dict() == before.to_dict()
     assert _array_keys_left(fleet, {key}) == set()
     assert fleet.rows(ids[:5]) == {rid: [] for rid in ids[:5]}  # nothing was scored

@@ -452,3 +452,13 @@ def test_gateway_exports_prometheus_counters_by_route_and_status():
     assert 'umcd_gateway_requests_total{route="/healthz",status="200"} 1.0' in body
     assert 'umcd_gateway_requests_total{route="/v1/query",status="415"} 1.0' in body
     assert "umcd_gateway_latency_seconds_bucket" in body
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_api_key_setting_is_no_key_not_one_an_empty_header_matches(blank, monkeypatch):
+    from umcd.settings import Settings
+
+    monkeypatch.setenv("UMCD_API_KEY", blank)
+    assert Settings().api_key is None  # the gateway then warns that it runs without a key
+    monkeypatch.setenv("UMCD_API_KEY", "k3y")
+    assert Settings().api_key.get_secret_value() == "k3y"

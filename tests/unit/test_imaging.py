@@ -338,6 +338,13 @@ def test_path_reference_reads_files_inside_allowed_roots(tmp_path):
     with pytest.raises(InvalidImage) as info:
         resolve_image_ref({"path": str(inside / "a.png")}, max_bytes=2)
     assert info.value.code == "too_many_bytes"
+    # outside the roots, the answer is the same whether a file is there or not (no existence oracle)
+    reasons = set()
+    for probe in (outside, tmp_path / "nothing.png", outside / "x", tmp_path / "nothing" / ".." / "secret.png"):
+        with pytest.raises(InvalidImage) as info:
+            resolve_image_ref({"path": str(probe)}, allowed_roots=[inside])
+        reasons.add(info.value.reason.replace(str(probe), "<path>"))
+    assert reasons == {"image path outside the allowed directories: <path>"}
 
 
 def test_bomb_warnings_stay_errors_and_concurrent_decodes_leave_the_warning_filters_alone():

@@ -274,3 +274,32 @@ def test_the_cpu_worker_serves_metrics_and_counts_its_tasks(monkeypatch):
     worker_app._count_long_task(sender=SimpleNamespace(name="umcd.detect"), state="SUCCESS")  # counted by verdict
     worker_app._count_long_task(sender=SimpleNamespace(name="umcd.train"), state="RETRY")
     assert (counted("train", "ok"), counted("eval", "error")) == (before[0] + 1, before[1] + 1)
+
+
+def test_items_naming_one_image_many_times_make_one_copy_of_it(runtime, tmp_path, monkeypatch):
+    """A crafted message may name one image of a pixel array, or one file, in every item: the worker reads, resizes
+    and (for insertions) encodes it once, not once per item (that was up to 1024 full-size copies)."""
+    from workers import imaging
+    from workers import runtime as runtime_module
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    runtime.settings = runtime.settings.model_copy(update={"image_roots": (shared,)})
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 1), dtype=np.uint8)
+    np.save(shared / "frames.npy", pixels)
+    (shared / "one.png").write_bytes(png(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)))
+    resized, encoded, reads = [], [], []
+    real_at_size, real_png, real_read = imaging.pixels_at_size, runtime_module.pixels_png, imaging._read_path
+    monkeypatch.setattr(runtime_module, "pixels_at_size", lambda im, size: resized.append(len(im)) or real_at_size(im, size))
+    monkeypatch.setattr(runtime_module, "pixels_png", lambda im: encoded.append(im.shape) or real_png(im))
+    monkeypatch.setattr(imaging, "_read_path", lambda *a: reads.append(a[0]) or real_read(*a))
+    array_ref = {"array": {"path": str(shared / "frames.npy"), "index": 0}}
+    n = 24
+    results = runtime.handle_many([_request(f"amp-{i}", kind="insert", image=array_ref) for i in range(n)]
+                                  + [_request(f"same-{i}", image={"path": str(shared / "one.png")}) for i in range(n)],
+                                  [array_ref] * n + [{"path": str(shared / "one.png")}] * n)
+    assert all(r["verdict"] in ("benign", "adversarial") for r in results), results[:2]
+    assert resized == [1] and encoded == [(96, 96, 1)]  # one image resized, one PNG for 24 insertions
+    assert sorted(reads) == [str(shared / "frames.npy"), str(shared / "one.png")]  # each file read once
+    # every item got the same numbers as that image alone
+    assert len({r["scores"]["c3"] for r in results[:n]}) == 1 and len({r["scores"]["c3"] for r in results[n:]}) == 1

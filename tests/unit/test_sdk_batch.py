@@ -280,7 +280,7 @@ def test_umcd_submit_lists_what_it_queued_before_the_broker_went_away(broker, tm
     assert [m["id"] for m in _queued(raw, "detect")] == sent
 
 
-def test_a_finished_message_deletes_only_the_image_keys_its_items_point_to(broker):
+def test_a_finished_message_deletes_only_its_own_pixel_array(broker):
     from types import SimpleNamespace
 
     from workers.batchtasks import release_arrays
@@ -294,9 +294,10 @@ def test_a_finished_message_deletes_only_the_image_keys_its_items_point_to(broke
              {"request_id": "d", "image": {"array": {"path": "/tmp/x.npy", "index": 0}}},
              {"request_id": "e", "image": {"inline": "AAAA"}},
              {"request_id": "f", "image": {"array": {"redis_key": "umcd:img:m2"}}},  # malformed: no index
-             {"request_id": "g", "image": {"array": {"redis_key": "umcd:img:m2", "index": 0}}}]
-    assert release_arrays(SimpleNamespace(redis=raw), items) == 2
-    assert sorted(k.decode() for k in raw.scan_iter("*")) == ["celery-task-meta-m1", "umcd:img:other"]
+             {"request_id": "g", "image": {"array": {"redis_key": "umcd:img:m2", "index": 0}}}]  # another's
+    assert release_arrays(SimpleNamespace(redis=raw), items, "m1") == 1  # the SDK keys a message's array by its id
+    assert sorted(k.decode() for k in raw.scan_iter("*")) == ["celery-task-meta-m1", "umcd:img:m2", "umcd:img:other"]
+    assert release_arrays(SimpleNamespace(redis=raw), items, None) == 0
 
 
 # --------------------------------------------------------------------------- refused before sending, or sent in part
