@@ -293,7 +293,8 @@ def _read_path(path_text: Any, allowed_roots: Sequence[Path | str] | None, max_b
     outside = InvalidImage(f"image path outside the allowed directories: {path_text}", "bad_reference")
     if roots is not None:  # decided on the name first: nothing outside the roots is looked at (no existence oracle)
         lexical = Path(os.path.normpath(os.path.abspath(path)))
-        if not any(lexical.is_relative_to(root) for root in roots):
+        named = [Path(os.path.normpath(os.path.abspath(r))) for r in allowed_roots]  # a root may be a symlink
+        if not any(lexical.is_relative_to(root) for root in (*named, *roots)):
             raise outside
     try:
         resolved = path.resolve(strict=True)  # follows symlinks, so a link cannot escape the roots

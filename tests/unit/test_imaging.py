@@ -338,6 +338,11 @@ def test_path_reference_reads_files_inside_allowed_roots(tmp_path):
     with pytest.raises(InvalidImage) as info:
         resolve_image_ref({"path": str(inside / "a.png")}, max_bytes=2)
     assert info.value.code == "too_many_bytes"
+    linked_root = tmp_path / "root-link"  # a root that is itself a symlink still serves its files
+    linked_root.symlink_to(inside)
+    assert resolve_image_ref({"path": str(linked_root / "a.png")}, allowed_roots=[linked_root]) == b"abc"
+    with pytest.raises(InvalidImage, match="outside the allowed"):  # named outside the roots: refused by its name
+        resolve_image_ref({"path": str(linked_root / "a.png")}, allowed_roots=[inside])
     # outside the roots, the answer is the same whether a file is there or not (no existence oracle)
     reasons = set()
     for probe in (outside, tmp_path / "nothing.png", outside / "x", tmp_path / "nothing" / ".." / "secret.png"):
