@@ -161,8 +161,13 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
         from db import repo
         from db.session import session_scope
 
-        with session_scope(runtime.engine) as s:  # an id answered before keeps its Result: never overwritten here
-            answered = repo.answered(s, [it["request_id"] for it in good])
+        try:  # an id answered before keeps its Result: never overwritten here
+            with session_scope(runtime.engine) as s:
+                answered = repo.answered(s, [it["request_id"] for it in good])
+        except Exception as exc:  # noqa: BLE001 - the audit store is down: each item still gets its error
+            log.warning("batch %s: could not read which ids are answered (%s: %s)", task.request.id,
+                        type(exc).__name__, exc)
+            answered = set()
         failed = [(it["request_id"], error) for it in good if it["request_id"] not in answered]
         store_item_results(task.backend, failed)
         release_arrays(runtime, good, task.request.id)
