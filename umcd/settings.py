@@ -178,8 +178,9 @@ def get_settings() -> Settings:
 
 
 def redact_url(url: str | None) -> str:
-    """A URL with any password replaced by ``***`` (safe for logs): in its user info and in a ``password``
-    query parameter, and in each URL of a ``;``-separated failover list."""
+    """A URL with any password replaced by ``***`` (safe for logs): in its user info and in any query parameter
+    whose name holds ``password`` (``password``, ``sslpassword``, ``sentinel_password``), and in each URL of a
+    ``;``-separated failover list."""
     if not url:
         return str(url)
     if ";" in url:
@@ -192,8 +193,8 @@ def redact_url(url: str | None) -> str:
         user = parts.username or ""
         netloc = f"{user}:***@{netloc.rsplit('@', 1)[-1]}"
     pairs = parse_qsl(query, keep_blank_values=True)
-    if any(k.lower() == "password" for k, _ in pairs):
-        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+    if any("password" in k.lower() for k, _ in pairs):  # password, sslpassword, sentinel_password, ...
+        query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="*")
     if (netloc, query) == (parts.netloc, parts.query):
         return url
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -483,8 +483,9 @@ def test_redact_url_and_engine_logs_never_show_the_password(caplog):
     assert redact_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
     failover = f"redis://:{secret}@h1:6379/0;redis://:{secret}@h2:6379/0"  # a broker's failover list
     assert secret not in redact_url(failover) and redact_url(failover).count(":***@") == 2
-    query = redact_url(f"redis://h:6379/0?password={secret}&socket_timeout=5")
+    query = redact_url(f"redis://h:6379/0?password={secret}&socket_timeout=5&sentinel_password={secret}")
     assert secret not in query and "socket_timeout=5" in query
+    assert secret not in redact_url(f"postgresql://u@h/db?sslpassword={secret}")
     with caplog.at_level(logging.DEBUG, logger="db"):
         engine = create_engine_for(pg)  # no connection is made
     assert "127.0.0.1" in caplog.text and secret not in caplog.text
