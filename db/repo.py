@@ -214,24 +214,22 @@ def get_verdict(session: Session, request_id: str) -> Verdict | None:
     return session.scalars(select(Verdict).where(Verdict.request_id == request_id)).one_or_none()
 
 
+def _by_request_id(session: Session, columns, request_ids: Sequence[str]) -> list:
+    """Rows of ``columns`` (of one table, its ``request_id`` first) for ``request_ids``, one query per _CHUNK."""
+    ids = list(dict.fromkeys(request_ids))
+    key = columns[0]
+    return [row for start in range(0, len(ids), _CHUNK)
+            for row in session.execute(select(*columns).where(key.in_(ids[start:start + _CHUNK])))]
+
+
 def image_paths(session: Session, request_ids: Sequence[str]) -> dict[str, str | None]:
     """request id -> ``image_path`` of its database image, for those of ``request_ids`` that have one."""
-    ids = list(dict.fromkeys(request_ids))
-    out: dict[str, str | None] = {}
-    for start in range(0, len(ids), 500):
-        rows = session.execute(select(DbImage.request_id, DbImage.image_path)
-                               .where(DbImage.request_id.in_(ids[start:start + 500])))
-        out.update({rid: path for rid, path in rows})
-    return out
+    return dict(_by_request_id(session, (DbImage.request_id, DbImage.image_path), request_ids))
 
 
 def answered(session: Session, request_ids: Sequence[str]) -> set[str]:
-    """Which of ``request_ids`` already have a verdict row (one query per 500 ids)."""
-    ids = list(dict.fromkeys(request_ids))
-    out: set[str] = set()
-    for start in range(0, len(ids), 500):
-        out.update(session.scalars(select(Verdict.request_id).where(Verdict.request_id.in_(ids[start:start + 500]))))
-    return out
+    """Which of ``request_ids`` already have a verdict row."""
+    return {rid for (rid,) in _by_request_id(session, (Verdict.request_id,), request_ids)}
 
 
 # --------------------------------------------------------------------------- database images and the index log

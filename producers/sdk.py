@@ -120,18 +120,10 @@ def check_image(image: ImageInput, max_bytes: int) -> None:
 
 
 def read_image(image: ImageInput, max_bytes: int) -> bytes:
-    """The bytes of ``image`` (bytes, or a path read here), refusing more than ``max_bytes``."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-    elif isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        size = path.stat().st_size  # FileNotFoundError names the path
-        if size > max_bytes:
-            raise ImageTooLarge(f"{path}: {size} bytes exceeds the limit of {max_bytes} bytes")
-        data = path.read_bytes()
-    else:
-        raise TypeError(f"image must be bytes or a path, not {type(image).__name__}")
-    if len(data) > max_bytes:
+    """The bytes of ``image`` (bytes, or a path read here), refusing what :func:`check_image` refuses."""
+    check_image(image, max_bytes)
+    data = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else Path(image).read_bytes()
+    if len(data) > max_bytes:  # a file that grew after its check
         raise ImageTooLarge(f"image of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     return data
 

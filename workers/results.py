@@ -47,11 +47,10 @@ class ScreenRequest:
         (``db.contract``: text over 256 characters, a label outside 32 bits, a wrong type) is left out and named
         in ``problem``; a ``submitted_at`` that is no storable time becomes unknown (None)."""
         problem = metadata_problem(client=client, source=source, label=label)
-        if problem is not None:
-            keep = lambda v, ok: v if ok else None  # noqa: E731
-            client = keep(client, isinstance(client, str) and len(client) <= TEXT_LEN)
-            source = keep(source, isinstance(source, str) and len(source) <= TEXT_LEN)
-            label = keep(label, metadata_problem(label=label) is None)
+        if problem is not None:  # each field the contract refuses is left out
+            client = client if metadata_problem(client=client) is None else None
+            source = source if metadata_problem(source=source) is None else None
+            label = label if metadata_problem(label=label) is None else None
         ref = next(iter(image), None) if isinstance(image, dict) and len(image) == 1 else None
         return cls(request_id=request_id, kind=kind, worker=worker[:TEXT_LEN], submitted_at=as_epoch(submitted_at),
                    client=client, source=source, label=label,
