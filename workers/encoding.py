@@ -61,6 +61,7 @@ def decode_pixels_for_model(data: bytes, settings: Settings, image_size: int) ->
     return decode_pixels(
         data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
         min_side=settings.min_image_side, formats=settings.image_formats, size=(image_size, image_size),
+        fast_png=settings.fast_png,
     )
 
 

@@ -12,8 +12,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import struct
+import zlib
+
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+try:  # libspng's decoder (pyspng): the fast path for plain 8-bit PNGs; Pillow decodes everything else
+    import pyspng
+except ImportError:  # pragma: no cover - a platform without its wheel: every image goes through Pillow
+    pyspng = None
 
 #: resampling filter for the final resize (antialiased when shrinking)
 RESAMPLE = Image.Resampling.LANCZOS
@@ -170,6 +178,77 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
         raise InvalidImage(f"unsupported colour mode {im.mode} ({exc})", "unsupported_mode") from None
 
 
+#: the PNG file signature
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: ancillary PNG chunks the fast path lets through, with their lengths: Pillow reads them for its
+#: ``info`` and ignores them when it decodes pixels (no gamma or colour management). Any other chunk
+#: (tRNS, PLTE, text that may carry EXIF, eXIf, iCCP, acTL, ...) sends the image to Pillow, so that its
+#: policy (alpha on white, orientation, first frame, bounded decompression of text) applies unchanged.
+_FAST_PNG_ANCILLARY = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9}
+#: IHDR colour types of the fast path and their samples a pixel: 0 grayscale, 2 RGB (no palette, no alpha)
+_FAST_PNG_CHANNELS = {0: 1, 2: 3}
+
+
+def fast_png_available() -> bool:
+    """Whether this process has libspng (``pyspng``) for the fast PNG path."""
+    return pyspng is not None
+
+
+def _fast_png(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray | None:
+    """``(H, W, 3)`` uint8 RGB of a plain 8-bit grayscale or RGB PNG, decoded by libspng; None for
+    anything else and for anything these checks or libspng refuse, which Pillow then decodes or refuses
+    with its reason.
+
+    Plain means: the signature, then IHDR (8-bit samples, colour type 0 or 2, not interlaced, a size
+    within the limits), the ancillary chunks of ``_FAST_PNG_ANCILLARY`` at their lengths, one run of
+    IDAT, IEND and nothing after it; every chunk's CRC correct; and the IDAT data one complete zlib
+    stream (its Adler-32 checked: pyspng tells libspng to skip checksums) that inflates to exactly the
+    image's scanlines. Such an image decodes to the same pixels here as through Pillow (tested, also on
+    mutated files), at about a quarter of the cost for a small image: Pillow parses chunks in Python.
+    """
+    if pyspng is None or not data.startswith(PNG_SIGNATURE) or len(data) < 57:
+        return None
+    length, ctype = struct.unpack_from(">I4s", data, 8)
+    if length != 13 or ctype != b"IHDR":
+        return None
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    if (depth != 8 or colour not in _FAST_PNG_CHANNELS or compression or filtering or interlace
+            or width * height > max_pixels or min(width, height) < min_side):
+        return None
+    pos, end, idat = 8, len(data), []  # from IHDR again: the loop checks its CRC
+    while True:
+        if pos + 12 > end:
+            return None
+        length, ctype = struct.unpack_from(">I4s", data, pos)
+        stop = pos + 12 + length
+        if stop > end or zlib.crc32(data[pos + 4 : stop - 4]) != struct.unpack_from(">I", data, stop - 4)[0]:
+            return None
+        if ctype == b"IDAT":
+            idat.append(data[pos + 8 : stop - 4])
+        elif ctype == b"IEND":
+            if stop != end or not idat:
+                return None
+            break
+        elif pos != 8 and (idat or _FAST_PNG_ANCILLARY.get(ctype) != length):  # ancillary chunks before IDAT only
+            return None
+        pos = stop
+    scanlines = height * (1 + width * _FAST_PNG_CHANNELS[colour])
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(b"".join(idat), scanlines + 1)
+    except zlib.error:
+        return None
+    if len(raw) != scanlines or not inflate.eof or inflate.unused_data:
+        return None
+    try:
+        pixels = pyspng.load(data)
+    except Exception:  # noqa: BLE001 - whatever libspng refuses, Pillow gives the reason for
+        return None
+    if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
+        return None
+    return _gray_to_rgb(pixels) if pixels.ndim == 2 else pixels
+
+
 def decode_image(
     data: bytes,
     *,
@@ -178,6 +257,7 @@ def decode_image(
     min_side: int,
     formats: Sequence[str],
     size: tuple[int, int] = (32, 32),
+    fast_png: bool = True,
 ) -> np.ndarray:
     """Decode untrusted image bytes into a model input.
 
@@ -192,10 +272,11 @@ def decode_image(
     and their **first frame** is used. The EXIF orientation is applied. Alpha (RGBA, LA, P with
     transparency) is composited on white; CMYK and other modes are converted to RGB; 16-bit
     samples are scaled by 1/65535 (not clipped). The image is then resized, without keeping the
-    aspect ratio, to ``size`` with a Lanczos filter.
+    aspect ratio, to ``size`` with a Lanczos filter. Plain 8-bit grayscale and RGB PNGs decode through
+    libspng unless ``fast_png`` is False, to the same pixels (:func:`decode_pixels`).
     """
     return to_model(decode_pixels(data, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side,
-                                  formats=formats, size=size))
+                                  formats=formats, size=size, fast_png=fast_png))
 
 
 def decode_pixels(
@@ -206,6 +287,7 @@ def decode_pixels(
     min_side: int,
     formats: Sequence[str],
     size: tuple[int, int] = (32, 32),
+    fast_png: bool = True,
 ) -> np.ndarray:
     """:func:`decode_image` (the same policy, errors and pixels) before the conversion to float.
 
@@ -213,6 +295,9 @@ def decode_pixels(
     quarter of the float array's bytes; :func:`to_model` turns it, or a stack of them at once, into
     what :func:`decode_image` returns. A 16-bit, 32-bit or float image, whose samples uint8 cannot
     hold, comes back already as the ``(3, size[1], size[0])`` float32 model input.
+
+    fast_png: plain 8-bit grayscale and RGB PNGs go through libspng (:func:`_fast_png`) when PNG is an
+    accepted format; the pixels are the same, and anything else or anything refused goes to Pillow.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"image data must be bytes, not {type(data).__name__}", "not_an_image")
@@ -225,6 +310,12 @@ def decode_pixels(
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed Pillow globally; truncation must stay an error
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     fmts = _normalise_formats(tuple(formats))
+    if fast_png and "PNG" in fmts:
+        rgb = _fast_png(data if isinstance(data, bytes) else bytes(data), max_pixels=max_pixels, min_side=min_side)
+        if rgb is not None:
+            if rgb.shape[1::-1] != tuple(size):
+                rgb = np.asarray(Image.fromarray(rgb).resize(size, RESAMPLE, reducing_gap=3.0))
+            return rgb
     im = _open(data if isinstance(data, bytes) else bytes(data), fmts, max_pixels)
     try:
         _check_geometry(im.size, max_pixels=max_pixels, min_side=min_side)

@@ -6,18 +6,30 @@ import base64
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pyspng
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from tests.hostile_corpus import CORPUS_LIMITS, CORPUS_NAMES, EXPECTED_CODES, build_hostile_corpus
-from workers.imaging import InvalidImage, decode_image, decode_pixels, resolve_image_ref, to_model
+from workers.imaging import (
+    PNG_SIGNATURE,
+    InvalidImage,
+    _fast_png,
+    decode_image,
+    decode_pixels,
+    fast_png_available,
+    resolve_image_ref,
+    to_model,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,16 +152,19 @@ def test_header_bomb_is_refused_without_allocating_its_pixels(corpus):
 def test_header_size_is_checked_before_pixels_are_decoded(corpus, monkeypatch):
     import workers.imaging as imaging
 
-    loads = []
-    real_load = imaging._load
+    loads, spng_loads = [], []
+    real_load, real_spng = imaging._load, imaging.pyspng.load
     monkeypatch.setattr(imaging, "_load", lambda im: loads.append(im.size) or real_load(im))
+    monkeypatch.setattr(imaging.pyspng, "load", lambda data: spng_loads.append(len(data)) or real_spng(data))
     for name in ("bomb_30000.png", "header_20000.png", "header_5000.png", "one_by_one.png"):
         with pytest.raises(InvalidImage):
             _decode(corpus[name][0].read_bytes())
-    assert loads == []
-    valid = next(path for path, kind in corpus.values() if kind == "valid" and path.suffix == ".png")
-    _decode(valid.read_bytes())  # the control: a valid image does reach the pixel decoder
-    assert len(loads) == 1
+    assert loads == [] and spng_loads == []
+    valid = corpus["rgb.png"][0].read_bytes()
+    _decode(valid, fast_png=False)  # the controls: a valid image does reach the pixel decoder, Pillow's
+    assert len(loads) == 1 and spng_loads == []
+    _decode(valid)  # or libspng's
+    assert len(loads) == 1 and spng_loads == [len(valid)]
 
 
 def test_exif_orientation_is_applied(corpus):
@@ -387,3 +402,132 @@ def test_bomb_warnings_stay_errors_and_concurrent_decodes_leave_the_warning_filt
             t.join(60)
         assert not errors, errors[:3]
         assert warnings.filters == filters
+
+
+# --------------------------------------------------------------------------- the fast PNG path (libspng)
+
+#: corpus files that are plain 8-bit grayscale or RGB PNGs: the fast path must decode each of them
+_FAST_PATH_FILES = ("rgb.png", "gray.png", "png_named.jpg", "min_side_8x8.png", "thin_8x2000.png")
+
+
+def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    pos, out = 8, []
+    while pos + 8 <= len(png):
+        length, kind = struct.unpack_from(">I4s", png, pos)
+        out.append((kind, png[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def _build_png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG of these chunks, each with a correct CRC (so that only what is inside them is wrong)."""
+    return PNG_SIGNATURE + b"".join(
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)) for kind, data in chunks)
+
+
+def _outcome(data: bytes, *, fast: bool):
+    try:
+        return decode_pixels(data, fast_png=fast, **CORPUS_LIMITS)
+    except InvalidImage as exc:
+        return exc.code
+
+
+def test_libspng_is_installed_for_the_fast_png_path():
+    assert fast_png_available()  # pyspng is a dependency; without it every PNG silently went through Pillow
+
+
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_fast_png_path_gives_pillows_pixels_or_its_refusal_on_every_corpus_file(corpus, name):
+    data = corpus[name][0].read_bytes()
+    fast, slow = _outcome(data, fast=True), _outcome(data, fast=False)
+    if isinstance(slow, str):
+        assert fast == slow, name
+    else:
+        assert isinstance(fast, np.ndarray) and np.array_equal(fast, slow), name
+    took_fast = _fast_png(data, max_pixels=CORPUS_LIMITS["max_pixels"], min_side=CORPUS_LIMITS["min_side"]) is not None
+    assert took_fast == (name in _FAST_PATH_FILES), name  # palette, alpha, 16-bit, APNG, bad CRC...: Pillow
+
+
+def test_fast_png_path_refuses_a_corrupt_stream_whose_chunk_crcs_are_right():
+    """pyspng tells libspng to skip checksums, so a stream whose Adler-32 is wrong would decode to whatever the
+    corrupt data inflates to; the fast path checks the stream itself and leaves the refusal to Pillow."""
+    png = _png(Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 24, 3), dtype=np.uint8)))
+    chunks = _chunks(png)
+    i = next(j for j, (kind, _) in enumerate(chunks) if kind == b"IDAT")
+    stream = bytearray(chunks[i][1])
+    stream[-1] ^= 0x5A  # the zlib stream's Adler-32
+    chunks[i] = (b"IDAT", bytes(stream))
+    bad = _build_png(chunks)
+    assert pyspng.load(bad).shape == (24, 24, 3)  # libspng alone takes it
+    assert _fast_png(bad, max_pixels=1 << 20, min_side=8) is None
+    assert _outcome(bad, fast=True) == _outcome(bad, fast=False) == "corrupt"
+
+
+def test_fast_png_path_leaves_png_exif_orientation_to_pillow():
+    image = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (20, 1)))  # 40 wide, 20 high, gray
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise
+    data = _png(image, exif=exif.tobytes())
+    assert _fast_png(data, max_pixels=1 << 20, min_side=8) is None
+    pixels = decode_pixels(data, **{**CORPUS_LIMITS, "formats": ("PNG",)}, size=(20, 40))
+    assert pixels.shape == (40, 20, 3)  # turned upright: 20 wide, 40 high
+
+
+def test_fast_png_path_is_off_when_the_setting_says_so(monkeypatch):
+    from umcd.settings import Settings
+    from workers import imaging
+    from workers.encoding import decode_pixels_for_model
+
+    calls = []
+    monkeypatch.setattr(imaging, "_fast_png", lambda data, **kw: calls.append(len(data)))
+    decode_pixels_for_model(_VALID_PNG, Settings(fast_png=False), 32)
+    assert calls == []
+    decode_pixels_for_model(_VALID_PNG, Settings(fast_png=True), 32)
+    assert calls == [len(_VALID_PNG)]
+
+
+def test_fast_png_path_agrees_with_pillow_on_mutated_files_with_valid_crcs():
+    """Mutations that keep every chunk's CRC right (so that they reach libspng): in the IDAT stream, IHDR's
+    fields, IDAT split, padded or emptied, ancillary chunks of any length. Whatever the fast path decodes,
+    Pillow decodes to the same pixels; everything else it leaves to Pillow. Seeded, so a failure repeats."""
+    rng = np.random.default_rng(12)
+    ancillary = [b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"sBIT", b"tEXt", b"bKGD"]
+    taken = left = 0
+    for _ in range(600):
+        mode = ("L", "RGB")[rng.integers(2)]
+        shape = (int(rng.integers(6, 48)), int(rng.integers(6, 48)))
+        pixels = rng.integers(0, 256, shape if mode == "L" else (*shape, 3), dtype=np.uint8)
+        chunks = _chunks(_png(Image.fromarray(pixels, mode), compress_level=int(rng.choice([0, 1, 6, 9]))))
+        i = next(j for j, (kind, _) in enumerate(chunks) if kind == b"IDAT")
+        what = rng.integers(5)
+        if what == 1:  # bytes of the stream changed, cut or padded
+            stream = bytearray(chunks[i][1])
+            for _ in range(int(rng.integers(1, 4))):
+                stream[int(rng.integers(len(stream)))] = int(rng.integers(256))
+            if rng.random() < 0.3:
+                stream = stream[: int(rng.integers(len(stream) + 1))]
+            chunks[i] = (b"IDAT", bytes(stream))
+        elif what == 2:  # one IHDR byte changed
+            header = bytearray(chunks[0][1])
+            header[int(rng.integers(13))] = int(rng.integers(256))
+            chunks[0] = (b"IHDR", bytes(header))
+        elif what == 3:  # the stream split over two IDAT chunks, maybe with an ancillary chunk between or before
+            stream, cut = chunks[i][1], int(rng.integers(len(chunks[i][1]) + 1))
+            extra = (ancillary[rng.integers(len(ancillary))], rng.bytes(int(rng.choice([0, 1, 4, 7, 9, 32, 40]))))
+            chunks[i : i + 1] = [(b"IDAT", stream[:cut]), (b"IDAT", stream[cut:])]
+            chunks.insert(int(rng.choice([1, i + 1])), extra)
+        elif what == 4:  # data after the stream, or an empty IDAT after it
+            chunks[i] = (b"IDAT", chunks[i][1] + rng.bytes(int(rng.integers(1, 6))))
+            if rng.random() < 0.5:
+                chunks[i] = (b"IDAT", chunks[i][1][: -len(chunks[i][1]) // 2 or None])
+                chunks.insert(i + 1, (b"IDAT", b""))
+        data = _build_png(chunks)
+        fast = _fast_png(data, max_pixels=CORPUS_LIMITS["max_pixels"], min_side=CORPUS_LIMITS["min_side"])
+        if fast is None:
+            left += 1
+            continue
+        taken += 1
+        slow = _outcome(data, fast=False)
+        assert isinstance(slow, np.ndarray), slow  # the fast path never takes what Pillow refuses
+        assert np.array_equal(_outcome(data, fast=True), slow)
+    assert taken >= 100 and left >= 100  # both sides of the gate were exercised
