@@ -123,6 +123,28 @@ def test_transforms_keep_shape_and_range():
         assert torch.allclose(get_transform(name)(flat), flat, atol=1e-5), name
 
 
+@pytest.mark.parametrize("size", [3, 5])
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (5, 3, 9, 11), (3, 7, 6)])
+def test_mean_blur_equals_the_box_filter_over_the_reflect_padded_image(size, shape):
+    """The separable matrix form against avg_pool2d over F.pad(mode='reflect') (the filter's definition), in
+    float64 to rounding and in float32 to float rounding; differentiable; odd sizes only."""
+    import torch.nn.functional as F
+
+    from core.transforms import mean_blur
+
+    x = torch.from_numpy(np.random.default_rng(size).random(shape))
+    p = size // 2
+    batched = x if x.dim() == 4 else x[None]
+    expected = F.avg_pool2d(F.pad(batched, (p, p, p, p), mode="reflect"), size, stride=1).reshape(x.shape)
+    torch.testing.assert_close(mean_blur(x, size), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mean_blur(x.float(), size), expected.float(), rtol=0, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda t: mean_blur(t, size), (x[..., :6, :6].clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="odd size"):
+        mean_blur(x, size + 1)
+    with pytest.raises(ValueError, match="more than"):
+        mean_blur(x[..., :p, :], size)
+
+
 @pytest.mark.parametrize("size", [2, 3, 4, 5])
 def test_median_filter_equals_scipys_and_the_2x2_one_is_feature_squeezings(size):
     """Feature squeezing's reference filters with scipy.ndimage.median_filter(size=2, mode='reflect'): its window
