@@ -444,6 +444,7 @@ def test_fast_png_path_gives_pillows_pixels_or_its_refusal_on_every_corpus_file(
         assert fast == slow, name
     else:
         assert isinstance(fast, np.ndarray) and np.array_equal(fast, slow), name
+        assert fast.flags.writeable == slow.flags.writeable, name
     took_fast = _fast_png(data, max_pixels=CORPUS_LIMITS["max_pixels"], min_side=CORPUS_LIMITS["min_side"]) is not None
     assert took_fast == (name in _FAST_PATH_FILES), name  # palette, alpha, 16-bit, APNG, bad CRC...: Pillow
 
@@ -461,6 +462,16 @@ def test_fast_png_path_refuses_a_corrupt_stream_whose_chunk_crcs_are_right():
     assert pyspng.load(bad).shape == (24, 24, 3)  # libspng alone takes it
     assert _fast_png(bad, max_pixels=1 << 20, min_side=8) is None
     assert _outcome(bad, fast=True) == _outcome(bad, fast=False) == "corrupt"
+
+
+def test_fast_png_path_leaves_large_images_to_pillow():
+    """Past 128x128 Pillow's zlib-ng is as fast, and past ~256x256 faster than the gate and libspng together."""
+    rng = np.random.default_rng(4)
+    at_cap, over = (_png(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)))
+                    for shape in ((128, 128, 3), (128, 129, 3)))
+    assert _fast_png(at_cap, max_pixels=1 << 24, min_side=8) is not None
+    assert _fast_png(over, max_pixels=1 << 24, min_side=8) is None
+    assert np.array_equal(_outcome(over, fast=True), _outcome(over, fast=False))
 
 
 def test_fast_png_path_leaves_png_exif_orientation_to_pillow():
