@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 
 import typer
 
@@ -32,5 +33,21 @@ def _register_commands() -> None:
 
 _register_commands()
 
+
+def main() -> None:
+    """The ``umcd`` program: the typer app, with a bad ``UMCD_*`` variable told in one line per variable (exit 2)
+    instead of a traceback, whichever command read the settings."""
+    from umcd.settings import settings_problems
+
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - only settings errors are turned into messages; the rest re-raised
+        problems = settings_problems(exc)
+        if problems is None:
+            raise
+        sys.stderr.write("umcd: bad settings in the environment:\n" + "".join(f"  {line}\n" for line in problems))
+        sys.exit(2)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+#: what a URL setting must start with: a scheme (``redis``, ``redis+socket``, ``postgresql+psycopg``, ...) and ``://``
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class Settings(BaseSettings):
@@ -114,6 +119,17 @@ class Settings(BaseSettings):
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
         return None if raw is None or (isinstance(raw, str) and not raw.strip()) else value
 
+    @field_validator("broker_url", "result_backend", "database_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        """A URL (``scheme://...``), or None for the embedded default; a blank value is None too."""
+        if value is None or not value.strip():
+            return None
+        if not _URL_SCHEME.match(value):
+            raise ValueError("not a URL: expected scheme://..., e.g. redis://host:6379/0 or "
+                             "postgresql+psycopg://user:password@host/db")
+        return value
+
     @field_validator("worker_cpus")
     @classmethod
     def _cpu_list(cls, value: str | None) -> str | None:
@@ -179,6 +195,48 @@ def export_detector_secret(settings: Settings) -> bool:
 def get_settings() -> Settings:
     """The process-wide settings (read once; tests call ``get_settings.cache_clear()``)."""
     return Settings()
+
+
+def settings_problems(exc: Exception) -> list[str] | None:
+    """One line per bad ``UMCD_*`` variable of a settings error (pydantic's ValidationError of Settings, or
+    pydantic-settings' SettingsError for a value that is not the JSON a list field needs); None for any other
+    exception. The lines name the variable, say what is wrong and never show a secret's value."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    prefix = Settings.model_config.get("env_prefix", "")
+    if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+        lines = []
+        for error in exc.errors(include_url=False, include_input=False):
+            field = str(error["loc"][0]) if error.get("loc") else "?"
+            allowed = error.get("ctx", {}).get("expected")
+            message = error["msg"].removeprefix("Value error, ")
+            message += f" ({allowed})" if allowed and allowed not in message else ""
+            lines.append(f"{prefix}{field.upper()}: {message}")
+        return lines
+    if isinstance(exc, SettingsError):
+        match = re.search(r"field \"?([A-Za-z_]+)\"?", str(exc))
+        field = match.group(1) if match else None
+        if field is None:
+            return [f"settings: {exc}"]
+        name = f"{prefix}{field.upper()}"
+        return [f"{name}: cannot be parsed" + (f" (a list is written as JSON, e.g. '{_list_example(field)}')"
+                                               if _is_list_field(field) else "")]
+    return None
+
+
+def _list_example(field: str) -> str:
+    """The field's default as the JSON list to write (its first two entries)."""
+    import json
+
+    default = Settings.model_fields[field].default
+    return json.dumps([str(v) for v in list(default or [])[:2]] or ["..."])
+
+
+def _is_list_field(field: str) -> bool:
+    info = Settings.model_fields.get(field)
+    origin = getattr(info.annotation, "__origin__", None) if info is not None else None
+    return origin in (list, tuple, set, frozenset)
 
 
 def redact_url(url: str | None) -> str:

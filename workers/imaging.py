@@ -6,14 +6,14 @@ import base64
 import binascii
 import io
 import os
+import re
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import struct
-import zlib
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -104,7 +104,11 @@ def _open(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image
     try:
         return Image.open(io.BytesIO(data), formats=formats)  # Pillow takes a list or a tuple
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImage(f"decompression bomb: {exc}", "decompression_bomb") from None
+        # Pillow's error (past twice its limit) quotes that doubled limit: say the image's size and ours
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{size.group(1)} pixels" if size else "the image"
+        raise InvalidImage(f"decompression bomb: {pixels} exceeds the limit of {max_pixels} pixels",
+                           "decompression_bomb") from None
     except UnidentifiedImageError:
         raise InvalidImage(
             "not an image, or a format that is not accepted (accepted: " + ", ".join(formats) + ")",

@@ -149,6 +149,16 @@ def test_header_bomb_is_refused_without_allocating_its_pixels(corpus):
     assert report["maxrss_kb"] < 300 * 1024
 
 
+@pytest.mark.parametrize("name, pixels", [("header_5000.png", 25_000_000), ("header_20000.png", 400_000_000)])
+def test_a_bomb_is_told_with_its_size_and_the_configured_limit(corpus, name, pixels):
+    """Past twice its limit Pillow raises an error quoting that doubled limit; the reason says the configured one."""
+    with pytest.raises(InvalidImage) as info:
+        _decode(corpus[name][0].read_bytes())
+    assert info.value.code == "decompression_bomb"
+    assert info.value.reason == (f"decompression bomb: {pixels} pixels exceeds the limit of "
+                                 f"{CORPUS_LIMITS['max_pixels']} pixels")
+
+
 def test_header_size_is_checked_before_pixels_are_decoded(corpus, monkeypatch):
     import workers.imaging as imaging
 

@@ -119,7 +119,7 @@ def calibrate(
 
 
 def detect(
-    images: list[Path] = typer.Argument(..., help="image files"),
+    images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="image files"),
     checkpoint: Optional[Path] = typer.Option(None),
     calibration: Optional[Path] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
