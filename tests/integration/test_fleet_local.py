@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -326,9 +328,18 @@ def test_cli_up_status_down_with_sqlite(artifacts, probes, monkeypatch):
         rows = json.loads(result.output)
         assert [(r["name"], r["alive"]) for r in rows] == [("redis", True), ("cpu", True), ("gateway", True), ("flower", True)]
         pids = [r["pid"] for r in rows]
+
+        os.kill(rows[1]["pid"], signal.SIGKILL)  # the cpu worker crashes: status says so, and how to restart
+        deadline = time.monotonic() + 10
+        while live(rows[1]["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = runner.invoke(app, ["fleet", "status", *common])
+        assert result.exit_code == 1, result.output
+        text = " ".join(result.output.split())
+        assert "stopped: cpu." in text and "umcd fleet down" in text and "umcd fleet up" in text
     finally:
         down = runner.invoke(app, ["fleet", "down", *common])
-    assert down.exit_code == 0 and "stopped: redis, cpu, gateway, flower" in down.output
+    assert down.exit_code == 0 and "stopped: redis, gateway, flower" in down.output
     assert [p for p in pids if live(p)] == []
 
 

@@ -112,6 +112,12 @@ def register(app: typer.Typer) -> None:
                 (r.name, str(r.pid), health(r), escape(r.url), escape(r.log)) for r in rows
             ], ("service", "pid", "state", "url", "log"))
         if rows and not all(r.alive and r.healthy is not False for r in rows):
+            stopped = [r.name for r in rows if not r.alive]
+            if stopped and not as_json:  # a service started again by hand is not the fleet's: say how to restart
+                console.print(f"[yellow]stopped: {', '.join(stopped)}.[/yellow] Restart the fleet with `umcd fleet down "
+                              f"--artifacts {fleet.artifacts} && umcd fleet up --artifacts {fleet.artifacts}` (with the "
+                              "options it was started with): queued messages (Redis's append-only file), the audit store "
+                              "and the models are kept. Processes started by hand are not the fleet's to stop.")
             raise typer.Exit(1)
 
     app.add_typer(fleet_app, name="fleet")
