@@ -1,0 +1,49 @@
+"""`umcd publish`: a checkpoint trained by `umcd train` (or any other) becomes the fleet's active model from the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.fleet_helpers import trained_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def test_publish_migrates_a_fresh_store_seeds_calibrates_and_activates_the_model(tmp_path, tmp_path_factory,
+                                                                                 monkeypatch):
+    from core.checkpoint import load_checkpoint
+    from db import repo
+    from db.session import make_engine, session_scope
+    from umcd.cli import app
+    from umcd.settings import get_settings
+
+    ckpt = trained_checkpoint(tmp_path_factory)
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setenv("UMCD_ARTIFACTS", str(artifacts))
+    monkeypatch.delenv("UMCD_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        missing = runner.invoke(app, ["publish", str(tmp_path / "none.safetensors")])
+        assert missing.exit_code == 2  # a usage error, before anything is written
+        assert not (artifacts / "audit.db").exists()
+
+        result = runner.invoke(app, ["publish", str(ckpt), "--json", "--seed-fraction", "0.25"])
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.output[result.output.index("{"):])
+        version = load_checkpoint(ckpt).version
+        assert out["model_version"] == version and out["detector"] == "umcd" and out["n_seeded"] > 0
+        with session_scope(make_engine(get_settings().db_url)) as s:  # the store as workers will read it
+            active = repo.active_model_version(s)
+            assert active is not None and active.version == version
+            assert repo.image_counts(s)["active"] == out["n_active"] == out["n_seeded"]
+        assert (artifacts / "index" / f"{version}.faiss").is_file()
+
+        again = runner.invoke(app, ["publish", str(ckpt), "--json"])  # seeding happens once
+        assert again.exit_code == 0, again.output
+        assert json.loads(again.output[again.output.index("{"):])["n_seeded"] == 0
+    finally:
+        get_settings.cache_clear()

@@ -1,0 +1,53 @@
+"""`umcd publish [CHECKPOINT]`: make a checkpoint the fleet's active model, as the `train` task does after training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from umcd.settings import get_settings
+
+
+def register(app: typer.Typer) -> None:
+    app.command("publish")(publish)
+
+
+def publish(
+    checkpoint: Optional[Path] = typer.Argument(
+        None, exists=True, dir_okay=False,
+        help="checkpoint to publish (default: the one `umcd train` writes for UMCD_DATASET, UMCD_BITS, UMCD_BACKBONE)"),
+    seed_fraction: float = typer.Option(0.5, min=0.0, max=1.0,
+                                        help="share of the dataset's database split seeded as trusted images (once)"),
+    target_fpr: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="calibration target (default UMCD_TARGET_FPR)"),
+    detector: Optional[str] = typer.Option(None, help="detector to calibrate and serve (default UMCD_DETECTOR)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Publish a checkpoint to the fleet's audit store and artifacts (UMCD_DATABASE_URL, UMCD_ARTIFACTS; the store
+    is migrated first): seed the database once, encode its images, calibrate the detector, and make it the active model version; detection
+    workers switch to it within UMCD_MODEL_POLL_INTERVAL_S."""
+    from rich.console import Console
+
+    from core.pipeline import checkpoint_path
+    from db.migrate import upgrade
+    from umcd.settings import redact_url
+    from workers.publish import publish as publish_checkpoint
+
+    s = get_settings()
+    path = checkpoint or checkpoint_path(s.artifacts, s.dataset, s.bits, s.backbone)
+    if not Path(path).is_file():
+        raise typer.BadParameter(f"no checkpoint at {path}: run `umcd train` first, or name one")
+    if not 0.0 < (target_fpr if target_fpr is not None else s.target_fpr) < 1.0:
+        raise typer.BadParameter("the target FPR must lie strictly between 0 and 1")
+    err = Console(stderr=True)
+    err.print(f"publishing {path} to {redact_url(s.db_url)}")
+    upgrade(s.db_url)  # a fresh store gets its tables; a current one is left as it is (safe beside running workers)
+    result = publish_checkpoint(path, settings=s, seed_fraction=seed_fraction, target_fpr=target_fpr,
+                                detector=detector, progress=lambda message: err.print(message))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        Console().print(f"model [bold]{result.model_version}[/] is active: detector {result.detector}, calibration "
+                        f"{result.calibration_id} (held-out FPR {result.heldout_fpr:.3f}), {result.n_active} active images")
