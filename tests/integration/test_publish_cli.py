@@ -1,8 +1,10 @@
-"""`umcd publish`: a checkpoint trained by `umcd train` (or any other) becomes the fleet's active model from the CLI."""
+"""`umcd publish` and `umcd attack`: a checkpoint becomes the fleet's active model, and an adversarial set is made
+against it, from the command line."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -30,6 +32,8 @@ def test_publish_migrates_a_fresh_store_seeds_calibrates_and_activates_the_model
         missing = runner.invoke(app, ["publish", str(tmp_path / "none.safetensors")])
         assert missing.exit_code == 2  # a usage error, before anything is written
         assert not (artifacts / "audit.db").exists()
+        unpublished = runner.invoke(app, ["attack", "dhta", "--n-images", "2"])
+        assert unpublished.exit_code == 1 and "umcd publish" in unpublished.output, unpublished.output
 
         result = runner.invoke(app, ["publish", str(ckpt), "--json", "--seed-fraction", "0.25"])
         assert result.exit_code == 0, result.output
@@ -45,5 +49,17 @@ def test_publish_migrates_a_fresh_store_seeds_calibrates_and_activates_the_model
         again = runner.invoke(app, ["publish", str(ckpt), "--json"])  # seeding happens once
         assert again.exit_code == 0, again.output
         assert json.loads(again.output[again.output.index("{"):])["n_seeded"] == 0
+
+        # then an adversarial set against it, for `umcd submit`
+        listed = runner.invoke(app, ["attack", "--list"])
+        assert listed.exit_code == 0 and "dhta" in listed.output.split()
+        unknown = runner.invoke(app, ["attack", "pgd"])
+        assert unknown.exit_code == 2 and "pgd_untargeted" in unknown.output
+        made = runner.invoke(app, ["attack", "dhta", "--n-images", "4", "--json"])
+        assert made.exit_code == 0, made.output
+        attack_set = json.loads(made.output[made.output.index("{"):])
+        assert attack_set["n_images"] == 4 and attack_set["model_version"] == version
+        folder = Path(attack_set["path"])
+        assert len(list(folder.glob("*.png"))) == 4 and (folder / "manifest.json").is_file()
     finally:
         get_settings.cache_clear()

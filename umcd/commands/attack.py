@@ -1,0 +1,60 @@
+"""`umcd attack NAME`: an adversarial set against the active model, as the `attack` task makes it."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("attack")(attack)
+
+
+def _attack_names() -> list[str]:
+    from core.attacks import list_attacks
+
+    return sorted(list_attacks())
+
+
+def attack(
+    name: Optional[str] = typer.Argument(None, help="the attack (`umcd attack --list` names them)", metavar="NAME"),
+    n_images: int = typer.Option(100, "--n-images", min=1, help="held-out query images to attack"),
+    eps: Optional[float] = typer.Option(None, min=0.0, help="L-inf budget in 1/255 units (default: the attack's)"),
+    seed: int = typer.Option(0, help="which images, and the targets of targeted attacks"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    list_names: bool = typer.Option(False, "--list", help="print the attack names and exit"),
+) -> None:
+    """Attack held-out benign queries with the active model (UMCD_DATABASE_URL, UMCD_ARTIFACTS) and write the
+    adversarial images as PNG files under artifacts/attacks/<id>/ with a manifest, for `umcd submit`."""
+    if list_names:
+        typer.echo("\n".join(_attack_names()))
+        raise typer.Exit(0)
+    names = _attack_names()
+    if name is None:
+        raise typer.BadParameter(f"name an attack: {', '.join(names)}", param_hint="NAME")
+    if name not in names:
+        raise typer.BadParameter(f"unknown attack {name!r}; known: {', '.join(names)}", param_hint="NAME")
+    from rich.console import Console
+
+    from workers.attacksets import generate_attack_set
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from umcd.settings import get_settings, redact_url
+
+    try:
+        result = generate_attack_set(name, n_images=n_images, eps=eps, seed=seed)
+    except RuntimeError as exc:  # no model published yet
+        Console(stderr=True).print(f"[red]{exc}[/] (or `umcd publish`)")
+        raise typer.Exit(1) from None
+    except SQLAlchemyError as exc:  # no store there, or one never migrated: nothing was published to it
+        Console(stderr=True).print(f"[red]cannot read the active model from {redact_url(get_settings().db_url)}[/]: "
+                                   f"{type(exc).__name__} (publish a model first: `umcd publish`)")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        Console().print(f"attack set {result['attack_set_id']}: {result['n_images']} images by {name} against model "
+                        f"{result['model_version']}, success {result['success_rate']:.2f}; PNG files in {result['path']}")
