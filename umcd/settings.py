@@ -89,9 +89,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, gt=0)
     min_image_side: int = Field(8, ge=1)
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM")
-    #: plain 8-bit grayscale and RGB PNGs decode through libspng (pyspng) instead of Pillow: the same pixels,
-    #: ~40 instead of ~110 us for a 32x32 digit (workers.imaging._fast_png; README, Performance). False:
-    #: Pillow decodes every image
+    #: plain 8-bit grayscale and RGB PNGs of up to 128x128 decode through libspng (pyspng) instead of Pillow: the
+    #: same pixels, ~42 instead of ~95 us for a 32x32 digit (workers.imaging._fast_png; README, Performance).
+    #: False: Pillow decodes every image
     fast_png: bool = True
     inline_image_limit: int = Field(256 * 1024, ge=0)
     #: seconds an image or pixel array stored in Redis for a worker lives (Redis refuses an expiry of 0)

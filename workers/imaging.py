@@ -190,10 +190,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: policy (alpha on white, orientation, first frame, bounded decompression of text) applies unchanged.
 _FAST_PNG_ANCILLARY = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9}
 #: IHDR colour types of the fast path and their samples a pixel: 0 grayscale, 2 RGB (no palette, no alpha)
+_FAST_PNG_CHANNELS = {0: 1, 2: 3}
 #: the largest image the fast path takes: past ~128x128 Pillow (with its bundled zlib-ng) catches up, and
 #: past ~256x256 it is faster than the gate's inflate and libspng's together (2-3x on a 4096x4096 image)
 _FAST_PNG_MAX_PIXELS = 128 * 128
-_FAST_PNG_CHANNELS = {0: 1, 2: 3}
 
 
 def fast_png_available() -> bool:
@@ -207,11 +207,12 @@ def _fast_png(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray | No
     with its reason.
 
     Plain means: the signature, then IHDR (8-bit samples, colour type 0 or 2, not interlaced, a size
-    within the limits and at most ``_FAST_PNG_MAX_PIXELS``), the ancillary chunks of ``_FAST_PNG_ANCILLARY`` at their lengths, one run of
-    IDAT, IEND and nothing after it; every chunk's CRC correct; and the IDAT data one complete zlib
-    stream (its Adler-32 checked: pyspng tells libspng to skip checksums) that inflates to exactly the
-    image's scanlines. Such an image decodes to the same pixels here as through Pillow (tested, also on
-    mutated files), at about a quarter of the cost for a small image: Pillow parses chunks in Python.
+    within the limits and at most ``_FAST_PNG_MAX_PIXELS``), the ancillary chunks of
+    ``_FAST_PNG_ANCILLARY`` at their lengths, one run of IDAT, IEND and nothing after it; every chunk's
+    CRC correct; and the IDAT data one complete zlib stream (its Adler-32 checked: pyspng tells libspng
+    to skip checksums) that inflates to exactly the image's scanlines. Such an image decodes to the same
+    pixels here as through Pillow (tested, also on mutated files), at less than half the cost for a
+    32x32 image (~42 against ~95 us): Pillow parses chunks in Python.
     """
     if pyspng is None or not data.startswith(PNG_SIGNATURE) or len(data) < 57:
         return None
