@@ -22,11 +22,12 @@ def _box_matrix(n: int, size: int, dtype: torch.dtype, device: torch.device) -> 
     if n <= p:
         raise ValueError(f"a {size}x{size} mean blur reflects {p} pixels at each border: images need more than "
                          f"{p} pixels a side, got {n}")
-    m = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i - p, i + p + 1):
-            m[i, -j if j < 0 else 2 * (n - 1) - j if j >= n else j] += 1.0 / size
-    return m.to(dtype=dtype, device=device)
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode the first caller ran in
+        m = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(i - p, i + p + 1):
+                m[i, -j if j < 0 else 2 * (n - 1) - j if j >= n else j] += 1.0 / size
+        return m.to(dtype=dtype, device=device)
 
 
 def mean_blur(x: torch.Tensor, size: int = 3) -> torch.Tensor:
@@ -39,6 +40,8 @@ def mean_blur(x: torch.Tensor, size: int = 3) -> torch.Tensor:
     """
     if size < 1 or size % 2 == 0:
         raise ValueError(f"mean_blur needs an odd size, got {size}")
+    if not x.is_floating_point():
+        raise TypeError(f"mean_blur needs floating-point images, got {x.dtype}")
     h, w = x.shape[-2], x.shape[-1]
     return _box_matrix(h, size, x.dtype, x.device) @ x @ _box_matrix(w, size, x.dtype, x.device).T
 

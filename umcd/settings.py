@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     same code talks to a Redis server and PostgreSQL.
     """
 
-    model_config = SettingsConfigDict(env_prefix="UMCD_", env_file=None, extra="ignore")
+    # hide_input_in_errors: a bad value (a URL with its password) never reaches a log through a ValidationError
+    model_config = SettingsConfigDict(env_prefix="UMCD_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
     # where things live
     artifacts: Path = Path("artifacts")

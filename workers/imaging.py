@@ -97,6 +97,14 @@ def _bomb_warnings_raise() -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
+def _bomb(exc: Exception, max_pixels: int) -> InvalidImage:
+    """The InvalidImage of a Pillow bomb error or warning, with the image's size and the configured limit (Pillow's
+    error, raised past twice its limit, quotes that doubled limit)."""
+    size = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{size.group(1)} pixels" if size else "the image"
+    return InvalidImage(f"decompression bomb: {pixels} exceeds the limit of {max_pixels} pixels", "decompression_bomb")
+
+
 def _open(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image:
     """Image.open (header only, nothing decoded yet) with bombs turned into InvalidImage."""
     Image.MAX_IMAGE_PIXELS = max_pixels
@@ -104,11 +112,7 @@ def _open(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image
     try:
         return Image.open(io.BytesIO(data), formats=formats)  # Pillow takes a list or a tuple
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # Pillow's error (past twice its limit) quotes that doubled limit: say the image's size and ours
-        size = re.search(r"\((\d+) pixels\)", str(exc))
-        pixels = f"{size.group(1)} pixels" if size else "the image"
-        raise InvalidImage(f"decompression bomb: {pixels} exceeds the limit of {max_pixels} pixels",
-                           "decompression_bomb") from None
+        raise _bomb(exc, max_pixels) from None
     except UnidentifiedImageError:
         raise InvalidImage(
             "not an image, or a format that is not accepted (accepted: " + ", ".join(formats) + ")",
@@ -122,7 +126,7 @@ def _load(im: Image.Image) -> None:
     try:
         im.load()  # a DecompressionBombWarning raises: _open made it an error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImage(f"decompression bomb: {exc}", "decompression_bomb") from None
+        raise _bomb(exc, Image.MAX_IMAGE_PIXELS) from None  # _open set Pillow's limit to ours
     except EOFError:
         raise InvalidImage("truncated image: the data ends before the image does", "truncated") from None
     except MemoryError:

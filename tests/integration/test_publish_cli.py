@@ -34,6 +34,10 @@ def test_publish_migrates_a_fresh_store_seeds_calibrates_and_activates_the_model
         assert not (artifacts / "audit.db").exists()
         unpublished = runner.invoke(app, ["attack", "dhta", "--n-images", "2"])
         assert unpublished.exit_code == 1 and "umcd publish" in unpublished.output, unpublished.output
+        assert not (artifacts / "audit.db").exists()  # and no empty store left behind
+        bogus = runner.invoke(app, ["publish", str(ckpt), "--detector", "bogus"])
+        assert bogus.exit_code == 2 and "unknown detector 'bogus'" in bogus.output  # a usage error, nothing written
+        assert not (artifacts / "audit.db").exists() and not (artifacts / "models").exists()
 
         result = runner.invoke(app, ["publish", str(ckpt), "--json", "--seed-fraction", "0.25"])
         assert result.exit_code == 0, result.output

@@ -145,6 +145,21 @@ def test_mean_blur_equals_the_box_filter_over_the_reflect_padded_image(size, sha
         mean_blur(x[..., :p, :], size)
 
 
+def test_mean_blur_matrices_cached_under_inference_mode_still_serve_gradients():
+    """The first blur of a size may run in a worker under inference mode; an attack's later blur needs gradients."""
+    from core.transforms import _box_matrix, mean_blur
+
+    _box_matrix.cache_clear()
+    x = torch.rand(2, 3, 12, 10)
+    with torch.inference_mode():
+        mean_blur(x)
+    leaf = x.clone().requires_grad_()
+    mean_blur(leaf).sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    with pytest.raises(TypeError, match="floating-point"):
+        mean_blur((x * 255).to(torch.uint8))  # 1/3 in an integer matrix would be 0: refused, not all zeros
+
+
 @pytest.mark.parametrize("size", [2, 3, 4, 5])
 def test_median_filter_equals_scipys_and_the_2x2_one_is_feature_squeezings(size):
     """Feature squeezing's reference filters with scipy.ndimage.median_filter(size=2, mode='reflect'): its window

@@ -33,6 +33,7 @@ def test_a_bad_variable_is_named_in_one_line_without_its_value(monkeypatch, env,
     problems = settings_problems(info.value)
     assert len(problems) == 1 and problems[0].startswith(line), problems
     assert "secret-garbage" not in problems[0]  # values are not echoed: a URL may hold a password
+    assert "secret-garbage" not in str(info.value)  # nor by the error itself, which other programs may log
 
 
 def test_url_settings_take_urls_and_blank_means_the_embedded_default():

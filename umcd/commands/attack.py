@@ -38,21 +38,23 @@ def attack(
         raise typer.BadParameter(f"unknown attack {name!r}; known: {', '.join(names)}", param_hint="NAME")
     from rich.console import Console
 
+    from umcd.commands.audit import _missing_file, _read
+    from umcd.settings import get_settings, redact_url
     from workers.attacksets import generate_attack_set
 
-    from sqlalchemy.exc import SQLAlchemyError
+    def active(session):
+        from db import repo
 
-    from umcd.settings import get_settings, redact_url
+        return repo.active_model_version(session) is not None
 
-    try:
-        result = generate_attack_set(name, n_images=n_images, eps=eps, seed=seed)
-    except RuntimeError as exc:  # no model published yet
-        Console(stderr=True).print(f"[red]{exc}[/] (or `umcd publish`)")
-        raise typer.Exit(1) from None
-    except SQLAlchemyError as exc:  # no store there, or one never migrated: nothing was published to it
-        Console(stderr=True).print(f"[red]cannot read the active model from {redact_url(get_settings().db_url)}[/]: "
-                                   f"{type(exc).__name__} (publish a model first: `umcd publish`)")
-        raise typer.Exit(1) from None
+    url = get_settings().db_url
+    if _missing_file(url):  # say so without creating an empty file
+        Console(stderr=True).print(f"[red]no audit store at {redact_url(url)}[/]: publish a model first (`umcd publish`)")
+        raise typer.Exit(1)
+    if not _read(url, active):  # no store, no tables or an unreachable server: _read says which, exit 1
+        Console(stderr=True).print("[red]no model is published in the audit store[/]: `umcd publish` (or the train task)")
+        raise typer.Exit(1)
+    result = generate_attack_set(name, n_images=n_images, eps=eps, seed=seed)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:

@@ -91,6 +91,8 @@ def register(app: typer.Typer) -> None:
         from dataclasses import asdict
 
         from rich.console import Console
+        import shlex
+
         from rich.markup import escape
 
         from umcd.fleet import Fleet
@@ -114,8 +116,9 @@ def register(app: typer.Typer) -> None:
         if rows and not all(r.alive and r.healthy is not False for r in rows):
             stopped = [r.name for r in rows if not r.alive]
             if stopped and not as_json:  # a service started again by hand is not the fleet's: say how to restart
+                where = shlex.quote(str(fleet.artifacts))
                 console.print(f"[yellow]stopped: {', '.join(stopped)}.[/yellow] Restart the fleet with `umcd fleet down "
-                              f"--artifacts {fleet.artifacts} && umcd fleet up --artifacts {fleet.artifacts}` (with the "
+                              f"--artifacts {where} && umcd fleet up --artifacts {where}` (with the "
                               "options it was started with): queued messages (Redis's append-only file), the audit store "
                               "and the models are kept. Processes started by hand are not the fleet's to stop.")
             raise typer.Exit(1)

@@ -30,6 +30,9 @@ def publish(
     workers switch to it within UMCD_MODEL_POLL_INTERVAL_S."""
     from rich.console import Console
 
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core.detector import DETECTORS
     from core.pipeline import checkpoint_path
     from db.migrate import upgrade
     from umcd.settings import redact_url
@@ -41,9 +44,17 @@ def publish(
         raise typer.BadParameter(f"no checkpoint at {path}: run `umcd train` first, or name one")
     if not 0.0 < (target_fpr if target_fpr is not None else s.target_fpr) < 1.0:
         raise typer.BadParameter("the target FPR must lie strictly between 0 and 1")
+    known = DETECTORS.names()
+    if (detector or s.detector) not in known:  # before anything is written
+        raise typer.BadParameter(f"unknown detector {detector or s.detector!r}; known: {', '.join(known)}",
+                                 param_hint="--detector" if detector else "UMCD_DETECTOR")
     err = Console(stderr=True)
     err.print(f"publishing {path} to {redact_url(s.db_url)}")
-    upgrade(s.db_url)  # a fresh store gets its tables; a current one is left as it is (safe beside running workers)
+    try:
+        upgrade(s.db_url)  # a fresh store gets its tables; a current one is left as it is (safe beside running workers)
+    except SQLAlchemyError as exc:  # an unreachable server, refused credentials: one line, nothing written
+        err.print(f"[red]cannot reach the audit store at {redact_url(s.db_url)}[/]: {type(exc).__name__}")
+        raise typer.Exit(1) from None
     result = publish_checkpoint(path, settings=s, seed_fraction=seed_fraction, target_fpr=target_fpr,
                                 detector=detector, progress=lambda message: err.print(message))
     if as_json:
