@@ -26,10 +26,9 @@ def publish(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Publish a checkpoint to the fleet's audit store and artifacts (UMCD_DATABASE_URL, UMCD_ARTIFACTS; the store
-    is migrated first): seed the database once, encode its images, calibrate the detector, and make it the active model version; detection
-    workers switch to it within UMCD_MODEL_POLL_INTERVAL_S."""
+    is migrated first): seed the database once, encode its images, calibrate the detector, and make it the active
+    model version; detection workers switch to it within UMCD_MODEL_POLL_INTERVAL_S."""
     from rich.console import Console
-
     from sqlalchemy.exc import SQLAlchemyError
 
     from core.detector import DETECTORS
@@ -56,7 +55,7 @@ def publish(
         err.print(f"[red]cannot reach the audit store at {redact_url(s.db_url)}[/]: {type(exc).__name__}")
         raise typer.Exit(1) from None
     result = publish_checkpoint(path, settings=s, seed_fraction=seed_fraction, target_fpr=target_fpr,
-                                detector=detector, progress=lambda message: err.print(message))
+                                detector=detector, progress=lambda message: err.print(message, markup=False))
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
