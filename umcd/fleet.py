@@ -75,6 +75,9 @@ class ServiceRecord:
     port: int | None = None
     health: str | None = None  # URL polled for health, for HTTP services
     argv: list[str] = field(default_factory=list)
+    #: the service's own environment variables beyond the fleet's shared ones, none secret (metrics port, pinned
+    #: CPUs, gateway address): what ``restart`` needs to start it again as it was
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -437,32 +440,33 @@ class Fleet:
                 self._progress("detection workers pinned to CPUs " + " | ".join(map(str, self.worker_cpus)))
             for i in range(self.workers):
                 port = free_port(avoid=self._ports)
-                env = {**base_env, "UMCD_METRICS_PORT": str(port)}
+                own = {"UMCD_METRICS_PORT": str(port)}
                 if self.worker_cpus[i]:
-                    env["UMCD_WORKER_CPUS"] = self.worker_cpus[i]
+                    own["UMCD_WORKER_CPUS"] = self.worker_cpus[i]
                 state.services.append(self._spawn(
-                    f"detect{i}", "worker", self.detect_worker_argv(i), env,
-                    url=f"http://{LOOPBACK}:{port}/metrics", port=port, secret_values=secret_values,
+                    f"detect{i}", "worker", self.detect_worker_argv(i), {**base_env, **own},
+                    url=f"http://{LOOPBACK}:{port}/metrics", port=port, secret_values=secret_values, own_env=own,
                 ))
             if self.cpu_worker:
                 port = free_port(avoid=self._ports)
+                own = {"UMCD_METRICS_PORT": str(port)}
                 state.services.append(self._spawn(
-                    "cpu", "worker", self.cpu_worker_argv(), {**base_env, "UMCD_METRICS_PORT": str(port)},
-                    url=f"http://{LOOPBACK}:{port}/metrics", port=port, secret_values=secret_values,
+                    "cpu", "worker", self.cpu_worker_argv(), {**base_env, **own},
+                    url=f"http://{LOOPBACK}:{port}/metrics", port=port, secret_values=secret_values, own_env=own,
                 ))
             if self.gateway:
                 port = free_port(avoid=self._ports)
-                env = {**base_env, "UMCD_GATEWAY_HOST": LOOPBACK, "UMCD_GATEWAY_PORT": str(port)}
+                own = {"UMCD_GATEWAY_HOST": LOOPBACK, "UMCD_GATEWAY_PORT": str(port)}
                 state.services.append(self._spawn(
-                    "gateway", "gateway", self.gateway_argv(port), env, url=f"http://{LOOPBACK}:{port}",
-                    port=port, health=f"http://{LOOPBACK}:{port}/healthz", secret_values=secret_values,
+                    "gateway", "gateway", self.gateway_argv(port), {**base_env, **own}, url=f"http://{LOOPBACK}:{port}",
+                    port=port, health=f"http://{LOOPBACK}:{port}/healthz", secret_values=secret_values, own_env=own,
                 ))
             if self.flower:
                 port = free_port(avoid=self._ports)
-                env = {**base_env, "FLOWER_BASIC_AUTH": f"{values['FLOWER_USER']}:{values['FLOWER_PASSWORD']}"}
                 state.services.append(self._spawn(
-                    "flower", "flower", self.flower_argv(port), env, url=f"http://{LOOPBACK}:{port}",
-                    port=port, health=f"http://{LOOPBACK}:{port}/healthcheck", secret_values=secret_values,
+                    "flower", "flower", self.flower_argv(port), {**base_env, **self._flower_auth(values)},
+                    url=f"http://{LOOPBACK}:{port}", port=port, health=f"http://{LOOPBACK}:{port}/healthcheck",
+                    secret_values=secret_values,
                 ))
             self._write_state(state)
             self._progress("starting workers, gateway and Flower; waiting for their answers")
@@ -515,7 +519,10 @@ class Fleet:
         health: str | None = None,
         log: Path | None = None,
         cwd: Path | None = None,
+        own_env: Mapping[str, str] | None = None,
     ) -> ServiceRecord:
+        """Start ``argv`` with ``env`` in its own session, output appended to its log; ``own_env`` (no secrets) is
+        recorded for ``restart``."""
         import psutil
 
         log = log or self.logs_dir / f"{name}.log"
@@ -535,8 +542,50 @@ class Fleet:
             raise FleetError(f"{name} exited at once ({proc.returncode}):\n{log_tail(log)}") from None
         return ServiceRecord(
             name=name, kind=kind, pid=proc.pid, create_time=create_time, log=str(log), url=url, port=port,
-            health=health, argv=shown,
+            health=health, argv=shown, env=dict(own_env or {}),
         )
+
+    @staticmethod
+    def _flower_auth(values: Mapping[str, str]) -> dict[str, str]:
+        """Flower's basic auth, from the environment (never its command line)."""
+        return {"FLOWER_BASIC_AUTH": f"{values['FLOWER_USER']}:{values['FLOWER_PASSWORD']}"}
+
+    # ---- restart
+    def restart(self, name: str) -> ServiceRecord:
+        """Stop the worker, gateway or Flower called ``name`` if it still runs, start it again as ``up`` did (same
+        command line, port, CPUs and secrets), wait until it answers, and record it; return its new record.
+
+        Redis and PostgreSQL hold the fleet's state and every URL names their ports: restart those with ``down``
+        and ``up`` (their data are kept).
+        """
+        state = self.read_state()
+        if state is None:
+            raise FleetError(f"no fleet recorded in {self.state_path}: run `umcd fleet up`")
+        names = [r.name for r in state.services]
+        if name not in names:
+            raise FleetError(f"no service {name!r} in this fleet (services: {', '.join(names)})")
+        old = state.service(name)
+        if old.kind in ("redis", "postgres"):
+            raise FleetError(f"{name} holds the fleet's state: restart the whole fleet with `umcd fleet down` and "
+                             "`umcd fleet up` (its data are kept)")
+        if not old.argv or (old.kind == "worker" and "UMCD_METRICS_PORT" not in old.env):
+            raise FleetError(f"{name} was recorded by an older umcd without what a restart needs: restart the whole "
+                             "fleet with `umcd fleet down` and `umcd fleet up`")
+        stored = read_env_file(self.env_path) if self.env_path.exists() else {}
+        broker = stored.get("UMCD_BROKER_URL")
+        if not broker:
+            raise FleetError(f"no fleet secrets at {self.env_path}: restart the whole fleet")
+        self._terminate([old])
+        env = {**self._child_env({k: v for k, v in stored.items() if k.startswith("UMCD_")}), **old.env}
+        if old.kind == "flower":
+            env.update(self._flower_auth({**NAME_DEFAULTS, **stored}))
+        new = self._spawn(name, old.kind, old.argv, env, url=old.url, port=old.port, health=old.health,
+                          secret_values=[stored[k] for k in SECRET_NAMES if stored.get(k)], log=Path(old.log),
+                          own_env=old.env)
+        state.services[names.index(name)] = new
+        self._write_state(state)
+        self._wait_ready([new], broker)
+        return new
 
     # ---- redis
     def _start_redis(self, port: int, password: str) -> ServiceRecord:

@@ -336,10 +336,32 @@ def test_cli_up_status_down_with_sqlite(artifacts, probes, monkeypatch):
         result = runner.invoke(app, ["fleet", "status", *common])
         assert result.exit_code == 1, result.output
         text = " ".join(result.output.split())
-        assert "stopped: cpu." in text and "umcd fleet down" in text and "umcd fleet up" in text
+        assert "stopped: cpu." in text and "umcd fleet restart NAME" in text and "umcd fleet down" in text
+
+        # started again as `up` did: same command line and metrics port, answering; then every service is up
+        result = runner.invoke(app, ["fleet", "restart", "cpu", *common])
+        assert result.exit_code == 0, result.output
+        services = json.loads((artifacts / "fleet" / "state.json").read_text())["services"]
+        cpu = next(s for s in services if s["name"] == "cpu")
+        assert cpu["pid"] != rows[1]["pid"] and cpu["env"]["UMCD_METRICS_PORT"] == str(cpu["port"])
+        result = runner.invoke(app, ["fleet", "status", *common, "--json"])
+        assert result.exit_code == 0 and all(r["alive"] for r in json.loads(result.output)), result.output
+        pids.append(cpu["pid"])
+        result = runner.invoke(app, ["fleet", "restart", "flower", *common])  # a running one: stopped, then started
+        assert result.exit_code == 0, result.output
+        services = json.loads((artifacts / "fleet" / "state.json").read_text())["services"]
+        flower = next(s for s in services if s["name"] == "flower")
+        assert flower["pid"] not in pids and not live(rows[3]["pid"])
+        pids.append(flower["pid"])
+        assert http_status(flower["url"] + "/workers") == 401  # its basic auth again, from the fleet's secrets
+        assert http_status(flower["url"] + "/workers", auth=(secrets_["FLOWER_USER"], secrets_["FLOWER_PASSWORD"])) == 200
+        refused = runner.invoke(app, ["fleet", "restart", "redis", *common])  # its port is in every URL
+        assert refused.exit_code == 1 and "umcd fleet down" in " ".join(refused.output.split())
+        unknown = runner.invoke(app, ["fleet", "restart", "nope", *common])
+        assert unknown.exit_code == 1 and "no service 'nope'" in unknown.output
     finally:
         down = runner.invoke(app, ["fleet", "down", *common])
-    assert down.exit_code == 0 and "stopped: redis, gateway, flower" in down.output
+    assert down.exit_code == 0 and "stopped: redis, cpu, gateway, flower" in down.output
     assert [p for p in pids if live(p)] == []
 
 

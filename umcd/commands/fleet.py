@@ -82,6 +82,27 @@ def register(app: typer.Typer) -> None:
         stopped = fleet.down()
         console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
+    @fleet_app.command("restart")
+    def restart(
+        name: str = typer.Argument(..., help="the service: a detection worker (detect0, ...), cpu, gateway or flower"),
+        artifacts: Path | None = typer.Option(None, "--artifacts", help="Artifacts folder (default: UMCD_ARTIFACTS)."),
+        grace: float = typer.Option(15.0, "--grace", min=0.0, help="Seconds between SIGTERM and SIGKILL."),
+    ) -> None:
+        """Start one service again as `up` did (stopping it first if it still runs) and wait until it answers."""
+        from rich.console import Console
+        from rich.markup import escape
+
+        from umcd.fleet import Fleet, FleetError
+
+        console = Console()
+        fleet = Fleet(_artifacts(artifacts), stop_grace_s=grace)
+        try:
+            record = fleet.restart(name)
+        except FleetError as exc:
+            console.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(1) from None
+        console.print(f"{record.name} restarted: pid {record.pid}, {escape(record.url)}, log {escape(record.log)}")
+
     @fleet_app.command("status")
     def status(
         artifacts: Path | None = typer.Option(None, "--artifacts", help="Artifacts folder (default: UMCD_ARTIFACTS)."),
@@ -117,10 +138,11 @@ def register(app: typer.Typer) -> None:
             stopped = [r.name for r in rows if not r.alive]
             if stopped and not as_json:  # a service started again by hand is not the fleet's: say how to restart
                 where = shlex.quote(str(fleet.artifacts))
-                console.print(f"[yellow]stopped: {', '.join(stopped)}.[/yellow] Restart the fleet with `umcd fleet down "
-                              f"--artifacts {where} && umcd fleet up --artifacts {where}` (with the "
-                              "options it was started with): queued messages (Redis's append-only file), the audit store "
-                              "and the models are kept. Processes started by hand are not the fleet's to stop.")
+                console.print(f"[yellow]stopped: {', '.join(stopped)}.[/yellow] Start a worker, the gateway or Flower "
+                              f"again with `umcd fleet restart NAME --artifacts {where}`; for Redis or PostgreSQL, "
+                              f"`umcd fleet down --artifacts {where}` and `umcd fleet up` with the options it was started "
+                              "with (queued messages, in Redis's append-only file, the audit store and the models are "
+                              "kept). Processes started by hand are not the fleet's to see or stop.")
             raise typer.Exit(1)
 
     app.add_typer(fleet_app, name="fleet")
