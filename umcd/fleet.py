@@ -571,6 +571,9 @@ class Fleet:
         if not old.argv or (old.kind == "worker" and "UMCD_METRICS_PORT" not in old.env):
             raise FleetError(f"{name} was recorded by an older umcd without what a restart needs: restart the whole "
                              "fleet with `umcd fleet down` and `umcd fleet up`")
+        if any("***" in arg for arg in old.argv):  # a secret value occurs in its command line: recorded redacted
+            raise FleetError(f"{name}'s recorded command line has a redacted part (a secret equal to part of it): "
+                             "restart the whole fleet with `umcd fleet down` and `umcd fleet up`")
         stored = read_env_file(self.env_path) if self.env_path.exists() else {}
         broker = stored.get("UMCD_BROKER_URL")
         if not broker:

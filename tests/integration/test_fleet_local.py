@@ -365,6 +365,28 @@ def test_cli_up_status_down_with_sqlite(artifacts, probes, monkeypatch):
     assert [p for p in pids if live(p)] == []
 
 
+def test_restart_refuses_what_it_cannot_start_again_as_it_was(tmp_path):
+    """No process is started: records that an older umcd wrote (no variables of their own), a command line
+    recorded with a redacted secret in it, Redis, and names not in the fleet are all refused with the way out."""
+    from umcd.fleet import FleetState, ServiceRecord, write_private_file
+
+    fleet = Fleet(tmp_path)
+    with pytest.raises(FleetError, match="no fleet recorded"):
+        fleet.restart("cpu")
+    base = {"create_time": 0.0, "log": str(tmp_path / "x.log"), "url": "", "port": 1}
+    state = FleetState(artifacts=str(tmp_path), started_at=0.0, database="", services=[
+        ServiceRecord(name="redis", kind="redis", pid=1, argv=["redis-server"], **base),
+        ServiceRecord(name="cpu", kind="worker", pid=1, argv=["celery", "worker"], **base),
+        ServiceRecord(name="gateway", kind="gateway", pid=1, argv=["uvicorn", "--app-dir", "/x/***/y"], **base),
+    ])
+    (tmp_path / "fleet").mkdir(exist_ok=True)
+    write_private_file(fleet.state_path, state.to_json())
+    for name, message in [("redis", "holds the fleet's state"), ("cpu", "older umcd"), ("gateway", "redacted"),
+                          ("nope", "no service 'nope'")]:
+        with pytest.raises(FleetError, match=message):
+            fleet.restart(name)
+
+
 def test_env_file_round_trips_any_secret_with_mode_600(tmp_path):
     from umcd.fleet import _env_line, write_private_file
 
