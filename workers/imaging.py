@@ -138,10 +138,6 @@ def _load(im: Image.Image) -> None:
         raise InvalidImage(f"corrupt image data ({type(exc).__name__}: {message})", "corrupt") from None
 
 
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray[:, :, None], 3, axis=2)
-
-
 def _high_depth_gray(im: Image.Image) -> np.ndarray:
     """(H, W) float32 in [0, 1] from a 16-bit, 32-bit integer or float grayscale image."""
     a = np.asarray(im)
@@ -206,8 +202,8 @@ def fast_png_available() -> bool:
 
 
 def _fast_png(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray | None:
-    """``(H, W, 3)`` uint8 RGB of a plain 8-bit grayscale or RGB PNG, decoded by libspng; None for
-    anything else and for anything these checks or libspng refuse, which Pillow then decodes or refuses
+    """``(H, W, C)`` uint8 pixels (C 1 or 3, as stored) of a plain 8-bit grayscale or RGB PNG, decoded by
+    libspng; None for anything else and for anything these checks or libspng refuse, which Pillow then decodes or refuses
     with its reason.
 
     Plain means: the signature, then IHDR (8-bit samples, colour type 0 or 2, not interlaced, a size
@@ -259,9 +255,7 @@ def _fast_png(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray | No
         return None
     if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
         return None
-    rgb = _gray_to_rgb(pixels) if pixels.ndim == 2 else pixels
-    rgb.flags.writeable = False  # as Pillow's array of an image is
-    return rgb
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def decode_image(
@@ -325,13 +319,14 @@ def decode_pixels(
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed Pillow globally; truncation must stay an error
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     fmts = _normalise_formats(tuple(formats))
+    data = data if isinstance(data, bytes) else bytes(data)
     if fast_png and "PNG" in fmts:
-        rgb = _fast_png(data if isinstance(data, bytes) else bytes(data), max_pixels=max_pixels, min_side=min_side)
-        if rgb is not None:
-            if rgb.shape[1::-1] != tuple(size):
-                rgb = np.asarray(Image.fromarray(rgb).resize(size, RESAMPLE, reducing_gap=3.0))
+        stored = _fast_png(data, max_pixels=max_pixels, min_side=min_side)
+        if stored is not None:  # gray to RGB and the resize of pixel arrays: Pillow's own conversions
+            rgb = pixels_at_size(stored[None], size)[0]
+            rgb.flags.writeable = False  # as Pillow's array of an image is
             return rgb
-    im = _open(data if isinstance(data, bytes) else bytes(data), fmts, max_pixels)
+    im = _open(data, fmts, max_pixels)
     try:
         _check_geometry(im.size, max_pixels=max_pixels, min_side=min_side)
         if im.format == "JPEG":  # let libjpeg decode at a reduced scale when the target is small
