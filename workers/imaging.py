@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
 import os
 import re
+import stat
 import struct
 import warnings
 import zlib
@@ -405,18 +407,56 @@ def _read_path(path_text: Any, allowed_roots: Sequence[Path | str] | None, max_b
         raise InvalidImage(f"image path unreadable: {path_text} ({type(exc).__name__})", "bad_reference") from None
     if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
         raise outside
-    if not resolved.is_file():
-        raise InvalidImage(f"image path is not a regular file: {path_text}", "bad_reference")
+    return _read_opened(resolved, path_text, roots, max_bytes)
+
+
+def _read_opened(resolved: Path, path_text: str, roots: list[Path] | None, max_bytes: int | None) -> bytes:
+    """Read ``resolved`` (a path the caller resolved and found inside ``roots``), deciding on what was opened.
+
+    The path is checked before it is opened, so a directory on it could be swapped for a symlink in
+    between. Hence the file is opened without following a final symlink and without blocking (a FIFO put
+    there cannot hang the worker), and the checks that matter are made again on the open descriptor: a
+    regular file, within ``max_bytes``, and, where the kernel names what a descriptor points to
+    (``/proc/self/fd``), inside ``roots``.
+    """
+    not_regular = InvalidImage(f"image path is not a regular file: {path_text}", "bad_reference")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        size = resolved.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise InvalidImage(
-                f"image too large: {_human_bytes(size)} exceeds the limit of {_human_bytes(max_bytes)}",
-                "too_many_bytes")
-        with open(resolved, "rb") as fh:
-            return fh.read(max_bytes + 1 if max_bytes is not None else -1)
+        fd = os.open(resolved, flags)
     except PermissionError:
         raise InvalidImage(f"image path unreadable (permission denied): {path_text}", "bad_reference") from None
+    except FileNotFoundError:
+        raise InvalidImage(f"image path not found: {path_text}", "bad_reference") from None
+    except OSError as exc:  # ELOOP: the last component became a symlink; EISDIR, ENXIO (a socket), ...
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise not_regular from None
+        raise InvalidImage(f"image path unreadable: {path_text} ({type(exc).__name__})", "bad_reference") from None
+    try:  # before fdopen, which refuses a directory with its own error
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise not_regular
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        if roots is not None:
+            opened = _opened_path(fd)
+            if opened is not None and not any(opened.is_relative_to(root) for root in roots):
+                raise InvalidImage(f"image path outside the allowed directories: {path_text}", "bad_reference")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise InvalidImage(
+                f"image too large: {_human_bytes(info.st_size)} exceeds the limit of {_human_bytes(max_bytes)}",
+                "too_many_bytes")
+        return fh.read(max_bytes + 1 if max_bytes is not None else -1)
+
+
+def _opened_path(fd: int) -> Path | None:
+    """The path the kernel opened behind ``fd`` (Linux's ``/proc/self/fd``), or None where it cannot tell."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return Path(target) if target.startswith("/") else None
 
 
 def resolve_image_ref(

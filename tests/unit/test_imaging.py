@@ -377,6 +377,55 @@ def test_path_reference_reads_files_inside_allowed_roots(tmp_path):
     assert reasons == {"image path outside the allowed directories: <path>"}
 
 
+def test_path_reference_decides_on_the_file_it_opened_not_on_the_name_it_checked(tmp_path, monkeypatch):
+    """The name is resolved and checked before the file is opened; whatever is swapped in between (a
+    directory on the way turned into a symlink out of the roots, the file turned into a symlink or a FIFO)
+    is refused from the open descriptor, and a FIFO never blocks the read."""
+    import pathlib
+
+    from workers import imaging
+
+    inside, outside = tmp_path / "shared", tmp_path / "elsewhere"
+    (inside / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (inside / "sub" / "a.png").write_bytes(b"inside")
+    (outside / "a.png").write_bytes(b"secret")
+    real_resolve = pathlib.Path.resolve
+    swaps = []
+
+    def resolve_then_swap(self, strict=False):  # the race: the check passes, then the tree changes
+        out = real_resolve(self, strict=strict)
+        if self.name == "a.png" and not swaps:
+            swaps.append(self)
+            (inside / "sub").rename(tmp_path / "moved")
+            (inside / "sub").symlink_to(outside)
+        return out
+
+    assert resolve_image_ref({"path": str(inside / "sub" / "a.png")}, allowed_roots=[inside]) == b"inside"
+    monkeypatch.setattr(pathlib.Path, "resolve", resolve_then_swap)
+    with pytest.raises(InvalidImage, match="outside the allowed") as info:
+        resolve_image_ref({"path": str(inside / "sub" / "a.png")}, allowed_roots=[inside])
+    assert info.value.code == "bad_reference" and swaps
+    monkeypatch.undo()
+
+    roots = [inside.resolve()]
+    (inside / "b.png").symlink_to(outside / "a.png")  # a final symlink is not followed once opened
+    with pytest.raises(InvalidImage, match="not a regular file"):
+        imaging._read_opened(inside / "b.png", "b.png", roots, None)
+    os.mkfifo(inside / "pipe.png")  # no writer: a blocking open would wait forever
+    with pytest.raises(InvalidImage, match="not a regular file"):
+        imaging._read_opened(inside / "pipe.png", "pipe.png", roots, None)
+    with pytest.raises(InvalidImage, match="not a regular file"):
+        imaging._read_opened(inside, "shared", roots, None)
+    with pytest.raises(InvalidImage, match="not found"):
+        imaging._read_opened(inside / "gone.png", "gone.png", roots, None)
+    (tmp_path / "moved" / "a.png").write_bytes(b"x" * 10)
+    with pytest.raises(InvalidImage) as info:  # the size limit from the open file, too
+        imaging._read_opened(tmp_path / "moved" / "a.png", "a.png", None, 9)
+    assert info.value.code == "too_many_bytes"
+    assert imaging._read_opened(tmp_path / "moved" / "a.png", "a.png", None, 10) == b"x" * 10
+
+
 def test_bomb_warnings_stay_errors_and_concurrent_decodes_leave_the_warning_filters_alone():
     """Pillow warns (not raises) for pixel counts between its limit and twice it; decoding makes that warning
     an error once, even after the process asked to ignore all warnings, and threads decoding at the same
