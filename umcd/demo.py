@@ -73,16 +73,20 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 class Processes:
-    """Child processes started by the demo: stopped by their own process groups, always."""
+    """Child processes started by the demo: stopped by their own process groups, always; and, on Linux, sent
+    SIGTERM by the kernel when the demo dies without stopping them (SIGKILL, say), so none outlives it."""
 
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+        from umcd.embedded import die_with_parent_hook
+
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as fh:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=fh,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent_hook())
         self.procs.append((name, proc, log))
         return proc
 

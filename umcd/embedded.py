@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -138,12 +139,31 @@ def _kill(pid: int, socket_path: Path | None, timeout: float) -> bool:
     return True
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel send the child SIGTERM when the calling thread's process
+    dies, even by SIGKILL (Linux's ``PR_SET_PDEATHSIG``); None where that is not available.
+
+    The signal follows the *thread* that forked, so this is offered to the main thread only. libc is
+    looked up here, before the fork, so that the child only calls a resolved function (no ``dlopen`` in
+    a forked child of a threaded process). A parent that died before the child asked is noticed through
+    ``getppid`` and the child stops at once.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
     import ctypes
 
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, pr_set_pdeathsig = os.getpid(), 1
+
+    def hook() -> None:  # runs in the child between fork and exec
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 class EmbeddedRedis:
@@ -226,10 +246,7 @@ class EmbeddedRedis:
             "--logfile", str(self.paths["log"]),
             "--loglevel", "notice",
         ]
-        preexec = None
-        if (self.die_with_parent and sys.platform.startswith("linux")
-                and threading.current_thread() is threading.main_thread()):
-            preexec = _die_with_parent
+        preexec = die_with_parent_hook() if self.die_with_parent else None
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop it in order

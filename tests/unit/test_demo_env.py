@@ -55,3 +55,67 @@ def test_each_demo_run_sends_request_ids_of_its_own():
     first, second = Demo(DemoConfig.small(Path("a"))), Demo(DemoConfig.small(Path("a")))
     assert first.rid("q-dhta-0") != second.rid("q-dhta-0")
     assert first.rid("q-dhta-0").startswith("demo-") and first.rid("q-dhta-0").endswith("-q-dhta-0")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_demo_s_children_do_not_outlive_a_killed_demo(tmp_path):
+    """A demo SIGKILLed (no chance to stop its workers) takes its children with it: the kernel sends each
+    SIGTERM (before, they ran on as orphans). A real parent process, a real child, a real SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    parent_code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from umcd.demo import Processes\n"
+        "procs = Processes()\n"
+        f"p = procs.start('sleeper', [sys.executable, '-c', 'import time; time.sleep(120)'], {{}}, "
+        f"Path({str(tmp_path / 'child.log')!r}))\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _running(child):
+            time.sleep(0.05)
+        assert not _running(child), "the demo's child outlived the SIGKILLed demo"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        with __import__("contextlib").suppress(psutil.NoSuchProcess, NameError):
+            child.kill()
+
+
+def _running(proc) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever reaps it in a container)."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_die_with_parent_hook_is_offered_to_the_main_thread_only():
+    import threading
+
+    from umcd.embedded import die_with_parent_hook
+
+    if __import__("sys").platform.startswith("linux"):
+        assert callable(die_with_parent_hook())
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(die_with_parent_hook()))
+    worker.start()
+    worker.join()
+    assert seen == [None]
