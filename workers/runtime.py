@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE_SIZE = 32
 #: images re-encoded per pass when catching up insertions made under an older model version
 STRAGGLER_CHUNK = 256
+#: a straggler that failed to re-encode is tried again after this many seconds, doubling (at most an hour) ...
+STRAGGLER_RETRY_S = 30.0
+#: ... this many times before it is given up (until the next publish re-encodes every active image)
+STRAGGLER_RETRIES = 6
 #: scored batches that may wait for the writer thread before the batcher waits for it
 WRITES_IN_FLIGHT = 2
 
@@ -152,7 +157,8 @@ class DetectionRuntime:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._straggler_seq: int | None = None
-        self._straggler_failed: set[int] = set()
+        #: stragglers that failed to re-encode under the served version: image id -> (failures, when to try again)
+        self._straggler_retry: dict[int, tuple[int, float]] = {}
         #: why the active model is not served (e.g. its feature reference is missing), None when it is
         self.not_ready: str | None = None
         self._not_ready_logged: set[tuple[str, int]] = set()
@@ -283,6 +289,7 @@ class DetectionRuntime:
         with self._state_lock:
             previous, self._state = self._state, state
         self._straggler_seq = int((mv.meta or {}).get("reencoded_through_seq", 0))
+        self._straggler_retry = {}  # a new version: every image gets its own chance again
         metrics.set_model(state.version, previous.version if previous is not None else None)
         log.info("serving model %s with calibration %d (%s, %d codes in the replica)%s", state.version,
                  state.calibration_id, state.detector_name, len(state.replica),
@@ -380,6 +387,12 @@ class DetectionRuntime:
         Reads ``index_log`` adds of other versions past a cursor (starting where the publisher's
         re-encoding stopped) and stores codes for the images that lack one: their ``add`` rows
         under the served version reach every replica through the log. Returns how many were added.
+
+        An image that cannot be read or decoded (its file missing, say, or a file system that failed
+        for a moment) is tried again after ``STRAGGLER_RETRY_S``, doubling up to an hour, and given
+        up with an error after ``STRAGGLER_RETRIES`` more failures; until then it stays active but out
+        of the served index. Before, one failure left it out for as long as this process served the
+        version.
         """
         state, cursor = self._state, self._straggler_seq
         if state is None or cursor is None:
@@ -388,29 +401,55 @@ class DetectionRuntime:
 
         from db.models import DbImage, ImageCode, IndexLog
 
+        retry = self._straggler_retry
+        now = time.monotonic()
+        due = [image_id for image_id, (_, at) in retry.items() if at <= now]
         with session_scope(self.engine) as s:
             head = repo.max_log_seq(s)
-            if head <= cursor:
-                return 0
-            has_code = exists().where(and_(ImageCode.image_id == IndexLog.image_id,
-                                           ImageCode.model_version == state.version))
-            rows = s.execute(
-                select(IndexLog.seq, IndexLog.image_id, DbImage.image_path)
-                .join(DbImage, DbImage.id == IndexLog.image_id)
-                .where(IndexLog.seq > cursor, IndexLog.seq <= head, IndexLog.op == "add",
-                       IndexLog.model_version != state.version, DbImage.status == "active", ~has_code)
-                .order_by(IndexLog.seq).limit(limit)
-            ).all()
+            rows = []
+            if head > cursor:
+                has_code = exists().where(and_(ImageCode.image_id == IndexLog.image_id,
+                                               ImageCode.model_version == state.version))
+                rows = s.execute(
+                    select(IndexLog.seq, IndexLog.image_id, DbImage.image_path)
+                    .join(DbImage, DbImage.id == IndexLog.image_id)
+                    .where(IndexLog.seq > cursor, IndexLog.seq <= head, IndexLog.op == "add",
+                           IndexLog.model_version != state.version, DbImage.status == "active", ~has_code)
+                    .order_by(IndexLog.seq).limit(limit)
+                ).all()
+            again = []
+            if due:  # still active and still without a code under the served version (another worker may have
+                # encoded it, or it was removed meanwhile)
+                has_code = exists().where(and_(ImageCode.image_id == DbImage.id,
+                                               ImageCode.model_version == state.version))
+                again = s.execute(select(DbImage.id, DbImage.image_path)
+                                  .where(DbImage.id.in_(due), DbImage.status == "active", ~has_code)).all()
         next_cursor = head if len(rows) < limit else int(rows[-1][0])
-        items = [(int(i), p) for _, i, p in rows if int(i) not in self._straggler_failed]
+        for image_id in set(due) - {int(i) for i, _ in again}:
+            retry.pop(image_id, None)
+        items = [(int(i), p) for i, p in again]
+        items += [(int(i), p) for _, i, p in rows if int(i) not in retry]
         added = 0
         if items:
             codes, failed = encode_stored(state.model, items, self.settings, state.image_size, self.device)
+            for image_id, _ in codes:
+                retry.pop(image_id, None)
+            paths = dict(items)
             for image_id, why in failed:
-                self._straggler_failed.add(image_id)
-                log.warning("image %d cannot be re-encoded under %s: %s", image_id, state.version, why)
-            with session_scope(self.engine, write=True) as s:
-                added = repo.add_image_codes_bulk(s, state.version, codes)
+                failures = retry.get(image_id, (0, 0.0))[0] + 1
+                if failures > STRAGGLER_RETRIES or not paths.get(image_id):  # no stored file: nothing to retry
+                    retry[image_id] = (failures, math.inf)
+                    log.error("image %d cannot be re-encoded under %s after %d tries, giving up (it stays out of "
+                              "this version's index until the next publish): %s", image_id, state.version,
+                              failures, why)
+                    continue
+                wait = min(STRAGGLER_RETRY_S * 2 ** (failures - 1), 3600.0)
+                retry[image_id] = (failures, now + wait)
+                log.warning("image %d cannot be re-encoded under %s (%s); trying again in %.0f s", image_id,
+                            state.version, why, wait)
+            if codes:
+                with session_scope(self.engine, write=True) as s:
+                    added = repo.add_image_codes_bulk(s, state.version, codes)
             if added:
                 log.info("re-encoded %d images inserted under an older model into %s", added, state.version)
         if self._state is state:

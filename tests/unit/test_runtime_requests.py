@@ -303,3 +303,70 @@ def test_items_naming_one_image_many_times_make_one_copy_of_it(runtime, tmp_path
     assert sorted(reads) == [str(shared / "frames.npy"), str(shared / "one.png")]  # each file read once
     # every item got the same numbers as that image alone
     assert len({r["scores"]["c3"] for r in results[:n]}) == 1 and len({r["scores"]["c3"] for r in results[n:]}) == 1
+
+
+class _Later:
+    """The ``time`` module as the runtime sees it, its monotonic clock ``offset`` seconds ahead."""
+
+    def __init__(self, offset: float) -> None:
+        import time
+
+        self._time, self.offset = time, offset
+
+    def monotonic(self) -> float:
+        return self._time.monotonic() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+
+def test_images_inserted_under_the_old_model_are_re_encoded_and_a_failed_one_is_tried_again(tmp_path, monkeypatch):
+    """Stragglers: images a worker still on the old model inserted after the publisher's re-encoding pass. The
+    served worker encodes them under the new version; one whose file cannot be read for a while is tried again
+    later (before, one failure left it out of the index for as long as the process served the version), one
+    removed meanwhile is not, and one without a stored file is given up at once."""
+    from core.checkpoint import save_untrained_checkpoint
+    from db import repo
+    from db.models import ImageCode, IndexLog
+    from db.session import session_scope
+    from workers import runtime as runtime_module
+    from workers.publish import publish
+
+    with untrained_runtime(tmp_path, monkeypatch, model_poll_interval_s=3600.0) as rt:
+        old = rt._state.version
+        new = publish(save_untrained_checkpoint(tmp_path / "v2.safetensors", 16, seed=1),
+                      settings=rt.settings).model_version
+        assert new != old
+        files = {}
+        for name, seed in (("fine", 1), ("flaky", 2), ("removed", 3)):
+            files[name] = tmp_path / f"{name}.png"
+            files[name].write_bytes(png(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+        ids = {}
+        with session_scope(rt.engine, write=True) as s:  # what a worker still serving the old model writes
+            for name in ("fine", "flaky", "removed", "no-file"):
+                ids[name] = repo.insert_database_image(s, f"straggler-{name}", b"\x00\x00", old,
+                                                       image_path=str(files[name]) if name in files else None)
+        files["flaky"].rename(tmp_path / "away.png")
+        files["removed"].unlink()
+
+        def coded() -> set[int]:
+            with session_scope(rt.engine) as s:
+                codes = {i for (i,) in s.query(ImageCode.image_id).filter(ImageCode.model_version == new)}
+                logged = {i for (i,) in s.query(IndexLog.image_id).filter(IndexLog.model_version == new,
+                                                                           IndexLog.op == "add")}
+            assert codes == logged  # every new code of an active image reaches the replicas through the log
+            return codes & set(ids.values())
+
+        assert rt.refresh_model() and rt._state.version == new
+        assert rt.reencode_stragglers() == 1 and coded() == {ids["fine"]}
+        (tmp_path / "away.png").rename(files["flaky"])  # the file system is back
+        assert rt.reencode_stragglers() == 0  # not yet: the retry waits
+        with session_scope(rt.engine, write=True) as s:
+            assert repo.remove_image(s, ids["removed"])
+        monkeypatch.setattr(runtime_module, "time", _Later(3601))  # past any first wait (at most an hour)
+        assert rt.reencode_stragglers() == 1 and coded() == {ids["fine"], ids["flaky"]}
+        retry = rt._straggler_retry
+        assert ids["removed"] not in retry and ids["flaky"] not in retry  # removed meanwhile: dropped, not retried
+        assert retry[ids["no-file"]][1] == float("inf")  # nothing stored to read: given up at once
+        monkeypatch.setattr(runtime_module, "time", _Later(10 * 3600))
+        assert rt.reencode_stragglers() == 0 and coded() == {ids["fine"], ids["flaky"]}
