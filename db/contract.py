@@ -23,7 +23,7 @@ TEXT_LEN = 256
 #: a request's ``label``: a 32-bit signed integer (PostgreSQL ``integer``)
 LABEL_MIN, LABEL_MAX = -(2**31), 2**31 - 1
 #: the ImageRef kinds a request row records (``requests.image_ref``)
-IMAGE_REF_KINDS = ("inline", "redis_key", "path", "array")
+IMAGE_REF_KINDS = ("inline", "redis_key", "path", "array", "part")
 #: ``submitted_at`` a producer may send: epoch seconds from 1970 up to the year 3000
 _EPOCH_MAX = 32_503_680_000.0
 

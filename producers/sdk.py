@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import sys
@@ -43,6 +44,9 @@ DEFAULT_BATCH_SIZE = 256
 BATCH_MESSAGE_BYTES = 4 * 1024 * 1024
 #: the most pixel bytes one message's array holds (workers refuse arrays over workers.imaging.MAX_ARRAY_BYTES)
 ARRAY_MESSAGE_BYTES = 32 * 1024 * 1024
+#: the most file bytes one message's blob holds (workers refuse blobs over workers.imaging.MAX_ARRAY_BYTES); a
+#: larger file (settings.max_image_bytes may allow one) travels under a Redis key of its own
+BLOB_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 
@@ -354,8 +358,82 @@ class Client:
 
     def _submit_batches(self, task: str, images: list[ImageInput], ids: list[str | None], extra: dict[str, Any],
                         on_sent: Callable[[int, str], None] | None, batch_size: int) -> list[str]:
-        """Send ``images`` as ``umcd.*_batch`` messages of up to ``batch_size`` images (and
-        ``BATCH_MESSAGE_BYTES`` of inline data); returns the request ids in order."""
+        """Send image files as ``umcd.*_batch`` messages of up to ``batch_size`` images; returns the request
+        ids in order.
+
+        Each message's files are stored once in Redis, concatenated (``umcd:img:<message id>``, with the
+        image TTL, up to ``BLOB_MESSAGE_BYTES``), and its items point into that blob (``{"part": {"redis_key",
+        "offset", "length"}}``); the worker deletes it once every item has its Result. The bytes then cross
+        Redis once, as they are: inline, each file went base64-encoded into the message's JSON, which Celery's
+        transport base64-encodes again, and the request ledger and the broker's unacked copy held it so too.
+        A broker other than Redis gets the inline messages (``BATCH_MESSAGE_BYTES`` each).
+        """
+        try:
+            self.redis  # noqa: B018 - the blob needs the broker's Redis
+        except ValueError:  # not a Redis broker
+            return self._submit_inline_batches(task, images, ids, extra, on_sent, batch_size)
+        import redis
+
+        batch_task, queue = BATCH_TASKS[task]
+        sent: list[str] = []
+        pending: list[tuple[str, bytes | dict[str, str]]] = []  # (request id, file bytes, or a ref of its own)
+        pending_bytes = 0
+
+        def flush(producer: Any) -> None:
+            nonlocal pending, pending_bytes
+            if not pending:
+                return
+            message_id = new_request_id()
+            key = f"{IMAGE_KEY_PREFIX}{message_id}"
+            items, parts, offset = [], [], 0
+            for rid, data in pending:
+                if isinstance(data, dict):
+                    items.append({"request_id": rid, "image": data})
+                    continue
+                items.append({"request_id": rid, "image": {"part": {"redis_key": key, "offset": offset,
+                                                                    "length": len(data)}}})
+                parts.append(data)
+                offset += len(data)
+            if parts:
+                try:
+                    self.redis.set(key, b"".join(parts), ex=self.settings.image_ref_ttl_s)
+                except redis.RedisError as exc:
+                    raise BrokerUnavailable(f"could not store the images in Redis: {exc}") from exc
+            try:
+                self._send(batch_task, {"items": items, "submitted_at": time.time(), **extra}, message_id,
+                           producer, queue=queue)
+            except BrokerUnavailable:
+                with contextlib.suppress(redis.RedisError):  # nothing will read it
+                    self.redis.unlink(key)
+                raise
+            first = len(sent)
+            sent.extend(rid for rid, _ in pending)
+            if on_sent is not None:
+                for k, (rid, _) in enumerate(pending):
+                    on_sent(first + k, rid)
+            pending, pending_bytes = [], 0
+
+        with self.app.producer_or_acquire() as producer:
+            for image, rid in zip(images, ids):
+                rid = self._request_id(rid)
+                data = read_image(image, self.settings.max_image_bytes)
+                if len(data) > BLOB_MESSAGE_BYTES:  # larger than a blob (a raised UMCD_MAX_IMAGE_BYTES): its own key
+                    pending.append((rid, self.image_ref(rid, data)))
+                else:
+                    if pending and pending_bytes + len(data) > BLOB_MESSAGE_BYTES:
+                        flush(producer)
+                    pending.append((rid, data))
+                    pending_bytes += len(data)
+                if len(pending) >= batch_size:
+                    flush(producer)
+            flush(producer)
+        return sent
+
+    def _submit_inline_batches(self, task: str, images: list[ImageInput], ids: list[str | None],
+                               extra: dict[str, Any], on_sent: Callable[[int, str], None] | None,
+                               batch_size: int) -> list[str]:
+        """Batch messages whose images travel in the message (a broker that is not Redis): up to
+        ``batch_size`` images and ``BATCH_MESSAGE_BYTES`` of inline data a message."""
         batch_task, queue = BATCH_TASKS[task]
         sent: list[str] = []
         pending: list[dict[str, Any]] = []

@@ -92,33 +92,30 @@ def store_item_results(backend: Any, entries: list[tuple[str, dict | BaseExcepti
 
 
 def release_arrays(runtime: Any, items: list[dict], message_id: str | None) -> int:
-    """Delete the pixel array in Redis of message ``message_id`` once its ``items`` all have their Results.
+    """Delete the pixel array or file blob in Redis of message ``message_id`` once its ``items`` all have their
+    Results.
 
-    A pixel array belongs to the one message that references it: the SDK stores it under
-    ``umcd:img:<message id>``, so once the message is answered nobody reads it again (a redelivery answers
-    from the audit store). Without this, each array would sit in Redis for its whole TTL
-    (``image_ref_ttl_s``). Only that key is deleted: an item naming another key (another message's array, a
-    single image's key) deletes nothing. Returns how many keys were deleted; a failure is logged and left to
-    the TTL.
+    A pixel array (``array`` ImageRefs) or a blob of image files (``part`` ImageRefs) belongs to the one
+    message that references it: the SDK stores it under ``umcd:img:<message id>``, so once the message is
+    answered nobody reads it again (a redelivery answers from the audit store). Without this, each would sit
+    in Redis for its whole TTL (``image_ref_ttl_s``). Only that key is deleted: an item naming another key
+    (another message's array, a single image's key) deletes nothing. Returns how many keys were deleted; a
+    failure is logged and left to the TTL.
     """
-    from workers.imaging import InvalidImage, array_ref_source, image_redis_key
+    from workers.imaging import image_redis_key, message_blob_key
 
     keys = set()
     for item in items:
-        try:
-            spot = array_ref_source(item.get("image"))
-        except InvalidImage:
-            continue
-        if (spot is not None and spot[0] == "redis_key" and image_redis_key(spot[1]) and message_id
-                and spot[1] == f"umcd:img:{message_id}"):
-            keys.add(spot[1])  # this message's own array: a crafted reference deletes nothing else
+        key = message_blob_key(item.get("image"))
+        if key is not None and image_redis_key(key) and message_id and key == f"umcd:img:{message_id}":
+            keys.add(key)  # this message's own array or blob: a crafted reference deletes nothing else
     client = runtime.redis if keys else None
     if client is None:
         return 0
     try:
         return int(client.unlink(*sorted(keys)))
     except Exception as exc:  # noqa: BLE001 - Redis went away: the keys expire on their own
-        log.warning("could not delete %d pixel arrays (%s: %s); they expire with their TTL", len(keys),
+        log.warning("could not delete %d pixel arrays or file blobs (%s: %s); they expire with their TTL", len(keys),
                     type(exc).__name__, exc)
         return 0
 

@@ -477,9 +477,10 @@ def resolve_image_ref(
     if not isinstance(ref, dict):
         raise InvalidImage(f"bad image reference: expected an object, got {type(ref).__name__}", "bad_reference")
     kinds = [k for k in ("inline", "redis_key", "path") if k in ref]
-    if ARRAY_REF in ref:
-        raise InvalidImage("bad image reference: an 'array' reference is read only in a batch message "
-                           "(umcd.detect_batch, umcd.screen_batch)", "bad_reference")
+    for batch_only in (ARRAY_REF, PART_REF):
+        if batch_only in ref:
+            raise InvalidImage(f"bad image reference: an {batch_only!r} reference is read only in a batch message "
+                               "(umcd.detect_batch, umcd.screen_batch)", "bad_reference")
     if len(kinds) != 1:
         raise InvalidImage(
             "bad image reference: need exactly one of 'inline', 'redis_key', 'path' "
@@ -548,6 +549,64 @@ def array_ref_source(ref: Any) -> tuple[str, str, int] | None:
         raise InvalidImage("bad image reference: an 'array' needs an 'index', a non-negative integer",
                            "bad_reference")
     return kinds[0], spec[kinds[0]], index
+
+
+#: the ImageRef kind of an image file inside a batch message's blob (the message's files, concatenated, stored
+#: once in Redis): ``{"part": {"redis_key": "umcd:img:<message id>", "offset": o, "length": n}}``
+PART_REF = "part"
+_PART_KEYS = frozenset({"redis_key", "offset", "length"})
+
+
+def part_ref_source(ref: Any) -> tuple[str, int, int] | None:
+    """``(redis key, offset, length)`` of a ``{"part": {...}}`` ImageRef; None for any other ImageRef.
+
+    Raises :class:`InvalidImage` (``bad_reference``) for a malformed part reference.
+    """
+    if not isinstance(ref, dict) or PART_REF not in ref:
+        return None
+    spec = ref[PART_REF]
+    if len(ref) != 1 or not isinstance(spec, dict) or set(spec) != _PART_KEYS:
+        raise InvalidImage("bad image reference: 'part' must be the only key and hold exactly 'redis_key', "
+                           "'offset' and 'length'", "bad_reference")
+    key, offset, length = spec["redis_key"], spec["offset"], spec["length"]
+    if not image_redis_key(key):
+        raise InvalidImage(f"bad image reference: a 'part' needs a 'redis_key' starting with {REDIS_KEY_PREFIX!r}",
+                           "bad_reference")
+    if (not isinstance(offset, int) or isinstance(offset, bool) or offset < 0
+            or not isinstance(length, int) or isinstance(length, bool) or length < 1):
+        raise InvalidImage("bad image reference: a 'part' needs an 'offset' >= 0 and a 'length' >= 1 (integers)",
+                           "bad_reference")
+    return key, offset, length
+
+
+def read_blob(key: str, redis_client: Any) -> bytes:
+    """The blob of a batch message's image files (``part`` ImageRefs point into it), at most ``MAX_ARRAY_BYTES``."""
+    return _read_redis_key(key, redis_client, MAX_ARRAY_BYTES)
+
+
+def blob_part(blob: bytes, key: str, offset: int, length: int, max_bytes: int) -> bytes:
+    """The image file at ``[offset, offset + length)`` of ``blob`` (read from ``key``), within ``max_bytes``."""
+    if length > max_bytes:
+        raise InvalidImage(
+            f"image too large: {_human_bytes(length)} exceeds the limit of {_human_bytes(max_bytes)}",
+            "too_many_bytes")
+    if offset + length > len(blob):
+        raise InvalidImage(f"bad image reference: part [{offset}, {offset + length}) lies past the end of {key} "
+                           f"({len(blob)} bytes)", "bad_reference")
+    return blob[offset : offset + length]
+
+
+def message_blob_key(ref: Any) -> str | None:
+    """The Redis key of the pixel array or file blob an ``array`` or ``part`` ImageRef points into; None for
+    any other ImageRef, a path, or a malformed reference."""
+    try:
+        spot = array_ref_source(ref)
+        if spot is not None:
+            return spot[1] if spot[0] == "redis_key" else None
+        part = part_ref_source(ref)
+    except InvalidImage:
+        return None
+    return part[0] if part is not None else None
 
 
 def read_array_source(kind: str, value: str, redis_client: Any = None, *,

@@ -34,7 +34,7 @@ class ScreenRequest:
     client: str | None = None
     source: str | None = None
     label: int | None = None
-    image_ref: str | None = None  # inline | redis_key | path | array
+    image_ref: str | None = None  # inline | redis_key | path | array | part
     image_bytes: int | None = None
     #: why the message's own fields (not its image) cannot be accepted; the request is answered
     #: ``invalid_input`` with it, and the fields it names are not stored

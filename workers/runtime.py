@@ -29,8 +29,8 @@ from workers import auditwrites, metrics
 from workers.batching import MicroBatcher
 from workers.encoding import decode_pixels_for_model, encode_stored, store_image
 from workers.gcfreeze import freeze_long_lived
-from workers.imaging import (InvalidImage, array_ref_source, load_pixel_array, pixels_at_size, pixels_png,
-                             read_array_source, resolve_image_ref, to_model)
+from workers.imaging import (InvalidImage, array_ref_source, blob_part, load_pixel_array, part_ref_source,
+                             pixels_at_size, pixels_png, read_array_source, read_blob, resolve_image_ref, to_model)
 from workers.malloc import keep_freed_memory
 from workers.replica import Replica
 from workers.results import ScreenRequest, detection_result, invalid_result, result_from_verdict
@@ -520,6 +520,7 @@ class DetectionRuntime:
         decoded: list[tuple[int, BatchItem]] = []
         in_arrays: dict[tuple[str, str], list[tuple[int, int]]] = {}  # array source -> [(item, index)]
         fetched: dict[tuple[str, str], bytes] = {}  # a redis_key or path named by several items: read once
+        blobs: dict[str, bytes | BaseException] = {}  # the file blobs ``part`` refs point into: read once
         cpu = time.thread_time()
         for i, (request, ref) in enumerate(zip(requests, image_refs)):
             try:
@@ -529,13 +530,17 @@ class DetectionRuntime:
                 if spot is not None:
                     in_arrays.setdefault(spot[:2], []).append((i, spot[2]))
                     continue
-                shared = _shared_ref(ref)
-                data = fetched.get(shared) if shared is not None else None
-                if data is None:
-                    data = resolve_image_ref(ref, self.redis, allowed_roots=self.settings.image_roots,
-                                             max_bytes=self.settings.max_image_bytes)
-                    if shared is not None:
-                        fetched[shared] = data
+                part = part_ref_source(ref)
+                if part is not None:
+                    data = self._blob_part(part, blobs)
+                else:
+                    shared = _shared_ref(ref)
+                    data = fetched.get(shared) if shared is not None else None
+                    if data is None:
+                        data = resolve_image_ref(ref, self.redis, allowed_roots=self.settings.image_roots,
+                                                 max_bytes=self.settings.max_image_bytes)
+                        if shared is not None:
+                            fetched[shared] = data
                 request.image_bytes = len(data)
                 # a query's bytes are not kept once decoded (an insertion's are stored with its row)
                 decoded.append((i, BatchItem(request, decode_pixels_for_model(data, self.settings, size),
@@ -573,6 +578,21 @@ class DetectionRuntime:
             except Exception as exc:  # noqa: BLE001 - the batcher failed this item alone
                 outcomes[i] = exc
         return outcomes  # type: ignore[return-value]
+
+    def _blob_part(self, part: tuple[str, int, int], blobs: dict[str, bytes | BaseException]) -> bytes:
+        """The image file a ``part`` ImageRef names, its blob read from Redis once per message (a failure to
+        read it, once too: every item of a missing blob gets the same reason, a Redis outage the same error)."""
+        key, offset, length = part
+        blob = blobs.get(key)
+        if blob is None:
+            try:
+                blob = read_blob(key, self.redis)
+            except Exception as exc:  # noqa: BLE001 - InvalidImage or a Redis error, raised for each item below
+                blob = exc
+            blobs[key] = blob
+        if isinstance(blob, BaseException):
+            raise blob.with_traceback(None)  # one exception for many items: its traceback must not grow each time
+        return blob_part(blob, key, offset, length, self.settings.max_image_bytes)
 
     def _invalid_outcome(self, request: ScreenRequest, exc: InvalidImage) -> dict | BaseException:
         """The stored ``invalid_input`` Result of ``request``, or the error that kept it from being stored."""

@@ -84,6 +84,7 @@ def _bad_references(fleet: FleetRun, png: bytes) -> dict[str, dict]:
         "label_beyond_32_bits": {"task": "umcd.screen", "image": {"inline": inline}, "label": 2**40},
         "client_too_long": {"image": {"inline": inline}, "client": "c" * 1000},
         "ref_unknown_kind": {"image": {"image_base64_inline": inline}},
+        "ref_part_outside_a_batch": {"image": {"part": {"redis_key": "umcd:img:x", "offset": 0, "length": 9}}},
         # only a time: one that cannot be stored is recorded as unknown and the image is judged
         "submitted_at_not_a_time": {"image": {"inline": inline}, "submitted_at": "yesterday"},
         "submitted_at_beyond_year_3000": {"image": {"inline": inline}, "submitted_at": 1e20},

@@ -135,7 +135,7 @@ def test_a_batch_sent_before_any_model_was_published_is_answered_once_one_is(fle
 
 def test_batch_queries_get_one_result_and_one_verdict_row_each_from_shared_model_batches(fleet, digit_pngs):
     rng = np.random.default_rng(0)
-    large = png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # over the inline limit: a redis_key
+    large = png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # over the inline limit, in the blob all the same
     assert len(large) > INLINE_LIMIT
     images = list(digit_pngs[10:130])
     images[7] = b"this is not an image"
@@ -169,6 +169,18 @@ def test_batch_queries_get_one_result_and_one_verdict_row_each_from_shared_model
     assert sum("<40 images>" in m["kwargs"] for m in messages) >= 3  # this test's 120 images in messages of 40
     middle = base64.b64encode(images[3]).decode()[200:264]
     assert not any(middle in json.dumps(m) for m in metas)
+    # the files travelled in one blob per message, which the worker deleted once the message was answered
+    ours = {m["task_id"] for m in messages if "batch-test" in m["kwargs"]}
+    assert len(ours) == 3 and _array_keys_left(fleet, {f"umcd:img:{m}" for m in ours}) == set()
+    from sqlalchemy import select
+
+    from db.models import Request
+    from db.session import session_scope
+
+    with session_scope(fleet.db_url) as s:
+        refs = {r.request_id: (r.image_ref, r.image_bytes) for r in s.scalars(select(Request).where(
+            Request.request_id.in_(ids)))}
+    assert refs == {rid: ("part", len(image)) for rid, image in zip(ids, images)}
 
 
 def test_a_redelivered_batch_keeps_the_first_verdicts_and_writes_no_second_row(fleet, digit_pngs):

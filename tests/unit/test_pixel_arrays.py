@@ -122,6 +122,40 @@ def test_array_references_are_parsed_and_malformed_ones_refused():
         resolve_image_ref({"array": {"redis_key": "umcd:img:m1", "index": 0}})
 
 
+def test_part_references_are_parsed_and_malformed_or_out_of_range_ones_refused():
+    from workers.imaging import blob_part, message_blob_key, part_ref_source
+
+    ref = {"part": {"redis_key": "umcd:img:m1", "offset": 3, "length": 2}}
+    assert part_ref_source({"inline": "AAAA"}) is None
+    assert part_ref_source(ref) == ("umcd:img:m1", 3, 2)
+    for bad in ({"part": {"redis_key": "umcd:img:m1", "offset": 0}},
+                {"part": {"redis_key": "umcd:img:m1", "offset": -1, "length": 2}},
+                {"part": {"redis_key": "umcd:img:m1", "offset": 0, "length": 0}},
+                {"part": {"redis_key": "umcd:img:m1", "offset": True, "length": 2}},
+                {"part": {"redis_key": "umcd:img:m1", "offset": 0, "length": 2.0}},
+                {"part": {"redis_key": "celery-task-meta-m1", "offset": 0, "length": 2}},
+                {"part": {"redis_key": "umcd:img:m1", "offset": 0, "length": 2, "path": "/x"}},
+                {"part": "umcd:img:m1"}, {**ref, "inline": "AAAA"}):
+        with pytest.raises(InvalidImage) as info:
+            part_ref_source(bad)
+        assert info.value.code == "bad_reference"
+    blob = b"0123456789"
+    assert blob_part(blob, "umcd:img:m1", 3, 2, max_bytes=8) == b"34"
+    assert blob_part(blob, "umcd:img:m1", 0, 10, max_bytes=10) == blob
+    with pytest.raises(InvalidImage, match=r"part \[9, 11\) lies past the end of umcd:img:m1 \(10 bytes\)"):
+        blob_part(blob, "umcd:img:m1", 9, 2, max_bytes=8)
+    with pytest.raises(InvalidImage) as info:
+        blob_part(blob, "umcd:img:m1", 0, 9, max_bytes=8)
+    assert info.value.code == "too_many_bytes"
+    with pytest.raises(InvalidImage, match="only in a batch message"):  # a single-image task cannot read one
+        resolve_image_ref(ref)
+    assert message_blob_key(ref) == "umcd:img:m1"
+    assert message_blob_key({"array": {"redis_key": "umcd:img:m2", "index": 0}}) == "umcd:img:m2"
+    assert message_blob_key({"array": {"path": "/a.npy", "index": 0}}) is None
+    assert message_blob_key({"part": {"redis_key": "umcd:img:m1"}}) is None  # malformed
+    assert message_blob_key({"redis_key": "umcd:img:m1"}) is None  # a single image's own key
+
+
 def test_an_array_on_a_shared_path_is_read_inside_the_allowed_roots_only(tmp_path):
     from workers.imaging import read_array_source
 

@@ -305,6 +305,68 @@ def test_items_naming_one_image_many_times_make_one_copy_of_it(runtime, tmp_path
     assert len({r["scores"]["c3"] for r in results[:n]}) == 1 and len({r["scores"]["c3"] for r in results[n:]}) == 1
 
 
+class _BlobRedis:
+    """What the runtime asks of the broker's Redis for ``part`` references: GET, counted per key."""
+
+    def __init__(self, blobs: dict[str, bytes], down: set[str] = frozenset()) -> None:
+        self.blobs, self.down, self.gets = blobs, down, []
+
+    def get(self, key):
+        import redis
+
+        self.gets.append(key)
+        if key in self.down:
+            raise redis.ConnectionError("Redis went away")
+        return self.blobs.get(key)
+
+
+def test_files_in_a_message_blob_score_as_inline_files_and_bad_parts_get_their_own_reason(runtime):
+    """``part`` references (the SDK's batch messages): each blob is read once per message, each file scores as
+    the same bytes sent inline, an insertion keeps its own bytes, and a part out of range, a blob gone from Redis
+    or a Redis outage is answered per item (invalid_input with the reason, or the error the task retries)."""
+    import redis
+
+    from db.models import DbImage, Request
+    from db.session import session_scope
+
+    files = [png(np.random.default_rng(20 + k).integers(0, 256, (32, 32, 3), dtype=np.uint8)) for k in range(3)]
+    key, gone, down = "umcd:img:msg-1", "umcd:img:msg-gone", "umcd:img:msg-down"
+    offsets = np.cumsum([0] + [len(f) for f in files])
+    fake = _BlobRedis({key: b"".join(files)}, down={down})
+    runtime._redis = fake
+
+    def part(k, offset=None, length=None, blob=key):
+        return {"part": {"redis_key": blob, "offset": int(offsets[k]) if offset is None else offset,
+                         "length": len(files[k]) if length is None else length}}
+
+    refs = [part(0), part(1), part(2), part(2), part(1, offset=int(offsets[3]) - 2, length=len(files[1])),
+            part(0, blob=gone), part(1, blob=gone), part(0, blob=down), part(1, blob=down)]
+    kinds = ["query", "query", "query", "insert", "query", "query", "query", "query", "query"]
+    results = runtime.handle_many([_request(f"part-{i}", kind=kind, image=ref) for i, (ref, kind)
+                                   in enumerate(zip(refs, kinds))], refs)
+    inline = runtime.handle_many([_request(f"inline-{k}", image=_inline(f)) for k, f in enumerate(files)],
+                                 [_inline(f) for f in files])
+    for k in range(3):
+        assert results[k]["scores"] == inline[k]["scores"] and results[k]["verdict"] == inline[k]["verdict"]
+    assert results[3]["scores"] == inline[2]["scores"]
+    assert results[4]["verdict"] == "invalid_input" and "lies past the end of umcd:img:msg-1" in results[4]["reasons"][0]
+    assert [r["verdict"] for r in results[5:7]] == ["invalid_input"] * 2
+    assert all("missing from Redis" in r["reasons"][0] for r in results[5:7])
+    assert all(isinstance(r, redis.ConnectionError) for r in results[7:])  # transient: the task retries these
+    assert sorted(fake.gets) == sorted([key, gone, down])  # each blob read once, also when it is not there
+    with session_scope(runtime.engine) as s:
+        rows = {r.request_id: r for r in s.query(Request).filter(Request.request_id.like("part-%"))}
+        assert {rid: r.image_ref for rid, r in rows.items()} == {f"part-{i}": "part" for i in range(7)}
+        assert rows["part-3"].image_bytes == len(files[2])
+        stored = s.query(DbImage).filter(DbImage.request_id == "part-3").all()
+    # an insertion stores its own file's bytes (accepted or quarantined)
+    assert len(stored) == 1 and Path(stored[0].image_path).read_bytes() == files[2], results[3]["verdict"]
+
+
+def _inline(data: bytes) -> dict:
+    return {"inline": base64.b64encode(data).decode("ascii")}
+
+
 class _Later:
     """The ``time`` module as the runtime sees it, its monotonic clock ``offset`` seconds ahead."""
 

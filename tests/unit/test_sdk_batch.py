@@ -73,9 +73,17 @@ def test_batch_queries_travel_batch_size_images_to_a_message_in_order(broker):
     assert len({m["id"] for m in messages}) == 3 and not set(given) & {m["id"] for m in messages}
     first = messages[0]["kwargs"]
     assert first["client"] == "bench" and isinstance(first["submitted_at"], float)
-    assert base64.b64decode(first["items"][0]["image"]["inline"]) == images[0]
+    # each message's files sit once in Redis, concatenated under a key of the message's own, and its items
+    # point into that blob; nothing of the images travels in the message
+    for message, chunk in zip(messages, (images[:4], images[4:8], images[8:])):
+        key = f"umcd:img:{message['id']}"
+        assert raw.get(key) == b"".join(chunk) and 0 < raw.ttl(key) <= client.settings.image_ref_ttl_s
+        offset = 0
+        for item, image in zip(message["kwargs"]["items"], chunk):
+            assert item["image"] == {"part": {"redis_key": key, "offset": offset, "length": len(image)}}
+            offset += len(image)
     # what events, logs and Flower show: no image data, the count instead
-    assert "<4 images>" in messages[0]["kwargsrepr"] and "inline" not in messages[0]["kwargsrepr"]
+    assert "<4 images>" in messages[0]["kwargsrepr"] and "part" not in messages[0]["kwargsrepr"]
 
 
 def test_a_single_message_shows_its_kwargs_without_the_image(broker):
@@ -97,14 +105,37 @@ def test_batch_insertions_go_to_the_screen_queue_with_their_source_and_label(bro
     assert raw.llen("detect") == 0
 
 
-def test_a_batch_message_is_closed_before_its_inline_images_pass_the_byte_limit(broker):
+def test_a_batch_message_is_closed_before_its_blob_passes_the_byte_limit(broker, monkeypatch):
+    from producers import sdk
+
+    client, raw = broker
+    image = _png(140, seed=1)  # ~59 KB of noise
+    monkeypatch.setattr(sdk, "BLOB_MESSAGE_BYTES", 5 * len(image) + 10)
+    client.submit_queries([image] * 8, batch=True, batch_size=1024)
+    messages = _queued(raw, "detect")
+    assert [len(m["kwargs"]["items"]) for m in messages] == [5, 3]
+    assert [raw.strlen(f"umcd:img:{m['id']}") for m in messages] == [5 * len(image), 3 * len(image)]
+    # a file larger than a blob may hold travels under a key of its own, in the same message
+    big = _png(200, seed=2)
+    monkeypatch.setattr(sdk, "BLOB_MESSAGE_BYTES", len(big) - 1)
+    ids = client.submit_queries([image, big, image], batch=True)
+    (message,) = _queued(raw, "detect")[2:]
+    refs = [it["image"] for it in message["kwargs"]["items"]]
+    assert [it["request_id"] for it in message["kwargs"]["items"]] == ids
+    assert "part" in refs[0] and "part" in refs[2] and refs[2]["part"]["offset"] == len(image)
+    assert raw.get(refs[1]["redis_key"]) == big and raw.strlen(f"umcd:img:{message['id']}") == 2 * len(image)
+
+
+def test_a_broker_other_than_redis_gets_inline_batches_closed_before_the_byte_limit(broker):
+    """Without the broker's Redis there is no blob: images travel in the message, as before blobs."""
     client, raw = broker
     image = _png(140, seed=1)  # ~59 KB of noise: inline (under 64 KiB), ~78 KB once base64-encoded
     per_message = BATCH_MESSAGE_BYTES // len(base64.b64encode(image))
     n = per_message + 3
-    client.submit_queries([image] * n, batch=True, batch_size=1024)
-    sizes = [len(m["kwargs"]["items"]) for m in _queued(raw, "detect")]
-    assert sizes == [per_message, 3]
+    client._submit_inline_batches("umcd.detect", [image] * n, [None] * n, {}, None, 1024)
+    messages = _queued(raw, "detect")
+    assert [len(m["kwargs"]["items"]) for m in messages] == [per_message, 3]
+    assert base64.b64decode(messages[0]["kwargs"]["items"][0]["image"]["inline"]) == image
 
 
 def test_bad_request_ids_and_batch_sizes_are_refused_before_anything_is_sent(broker):
@@ -294,10 +325,17 @@ def test_a_finished_message_deletes_only_its_own_pixel_array(broker):
              {"request_id": "d", "image": {"array": {"path": "/tmp/x.npy", "index": 0}}},
              {"request_id": "e", "image": {"inline": "AAAA"}},
              {"request_id": "f", "image": {"array": {"redis_key": "umcd:img:m2"}}},  # malformed: no index
-             {"request_id": "g", "image": {"array": {"redis_key": "umcd:img:m2", "index": 0}}}]  # another's
+             {"request_id": "g", "image": {"array": {"redis_key": "umcd:img:m2", "index": 0}}},  # another's
+             {"request_id": "h", "image": {"part": {"redis_key": "umcd:img:m2", "offset": 0, "length": 1}}}]
     assert release_arrays(SimpleNamespace(redis=raw), items, "m1") == 1  # the SDK keys a message's array by its id
     assert sorted(k.decode() for k in raw.scan_iter("*")) == ["celery-task-meta-m1", "umcd:img:m2", "umcd:img:other"]
     assert release_arrays(SimpleNamespace(redis=raw), items, None) == 0
+    # a blob of files (part references) is the message's own the same way
+    parts = [{"request_id": "p", "image": {"part": {"redis_key": "umcd:img:m2", "offset": 0, "length": 1}}},
+             {"request_id": "q", "image": {"part": {"redis_key": "umcd:img:other", "offset": -1, "length": 1}}}]
+    assert release_arrays(SimpleNamespace(redis=raw), parts, "other") == 0  # malformed: deletes nothing
+    assert release_arrays(SimpleNamespace(redis=raw), parts, "m2") == 1
+    assert sorted(k.decode() for k in raw.scan_iter("*")) == ["celery-task-meta-m1", "umcd:img:other"]
 
 
 # --------------------------------------------------------------------------- refused before sending, or sent in part
