@@ -584,8 +584,11 @@ def read_blob(key: str, redis_client: Any) -> bytes:
     return _read_redis_key(key, redis_client, MAX_ARRAY_BYTES)
 
 
-def blob_part(blob: bytes, key: str, offset: int, length: int, max_bytes: int) -> bytes:
-    """The image file at ``[offset, offset + length)`` of ``blob`` (read from ``key``), within ``max_bytes``."""
+def blob_part(blob: bytes, key: str, offset: int, length: int, max_bytes: int) -> memoryview:
+    """The image file at ``[offset, offset + length)`` of ``blob`` (read from ``key``), within ``max_bytes``.
+
+    A view, not a copy: a crafted message may name overlapping parts of one blob in each of its items, and
+    insertions keep their bytes until stored, so copies could multiply a 64 MiB blob a thousandfold."""
     if length > max_bytes:
         raise InvalidImage(
             f"image too large: {_human_bytes(length)} exceeds the limit of {_human_bytes(max_bytes)}",
@@ -593,7 +596,7 @@ def blob_part(blob: bytes, key: str, offset: int, length: int, max_bytes: int) -
     if offset + length > len(blob):
         raise InvalidImage(f"bad image reference: part [{offset}, {offset + length}) lies past the end of {key} "
                            f"({len(blob)} bytes)", "bad_reference")
-    return blob[offset : offset + length]
+    return memoryview(blob)[offset : offset + length]
 
 
 def message_blob_key(ref: Any) -> str | None:

@@ -98,7 +98,7 @@ class BatchItem:
 
     request: ScreenRequest
     image: np.ndarray
-    data: bytes  # the original bytes (stored for insertions, for re-encoding at the next publish); b"" for a
+    data: bytes | memoryview  # the original bytes (stored for insertions, for re-encoding at the next publish); b"" for a
     # query from a pixel array, a PNG of its pixels for an insertion from one
 
 
@@ -579,7 +579,7 @@ class DetectionRuntime:
                 outcomes[i] = exc
         return outcomes  # type: ignore[return-value]
 
-    def _blob_part(self, part: tuple[str, int, int], blobs: dict[str, bytes | BaseException]) -> bytes:
+    def _blob_part(self, part: tuple[str, int, int], blobs: dict[str, bytes | BaseException]) -> memoryview:
         """The image file a ``part`` ImageRef names, its blob read from Redis once per message (a failure to
         read it, once too: every item of a missing blob gets the same reason, a Redis outage the same error)."""
         key, offset, length = part

@@ -363,6 +363,27 @@ def test_files_in_a_message_blob_score_as_inline_files_and_bad_parts_get_their_o
     assert len(stored) == 1 and Path(stored[0].image_path).read_bytes() == files[2], results[3]["verdict"]
 
 
+def test_insertions_naming_one_large_part_many_times_hold_no_copy_of_it_each(runtime):
+    """A crafted message may name one large file of its blob (or overlapping parts of it) in every item; an
+    insertion keeps its bytes until its row is written, so a copy per item would multiply the blob."""
+    import tracemalloc
+
+    big = png(np.random.default_rng(7).integers(0, 256, (600, 600, 3), dtype=np.uint8))  # ~1 MB of noise
+    key = "umcd:img:msg-big"
+    runtime._redis = _BlobRedis({key: b"\x00" + big})  # after another byte: a slice of it is no longer the whole
+    n = 48
+    refs = [{"part": {"redis_key": key, "offset": 1, "length": len(big)}}] * n
+    tracemalloc.start()
+    try:
+        results = runtime.handle_many([_request(f"big-{i}", kind="insert", image=ref) for i, ref in enumerate(refs)],
+                                      refs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert all(r["verdict"] in ("benign", "adversarial") for r in results), results[:1]
+    assert peak < 8 * len(big), f"{peak / 2**20:.0f} MiB at peak for a {len(big) / 2**20:.1f} MiB part named {n} times"
+
+
 def _inline(data: bytes) -> dict:
     return {"inline": base64.b64encode(data).decode("ascii")}
 
