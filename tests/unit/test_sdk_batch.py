@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,6 +262,68 @@ def _umcd_submit(client: Client, tmp_path, monkeypatch, args: list[str]):
         get_settings.cache_clear()
 
 
+def test_umcd_submit_sends_files_in_batch_messages_in_order_and_lists_a_file_it_cannot_send(
+        broker, tmp_path, monkeypatch):
+    """`umcd submit` gathers files into batch messages (their blobs in Redis); a file too large for the limit is
+    listed as not sent and the others go on, in order around an .npy array; --batch-size 0 sends one message a
+    file as before."""
+    client, raw = broker
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = {f"{i:02d}.png": _png(8, seed=i) for i in range(7)}
+    images["03.png"] = _png(64, seed=99)  # over the limit set below
+    for name, data in images.items():
+        (folder / name).write_bytes(data)
+    np.save(folder / "03x.npy", np.zeros((2, 8, 8), np.uint8))  # an array between the files
+    monkeypatch.setenv("UMCD_MAX_IMAGE_BYTES", str(len(images["03.png"]) - 1))
+    result = _umcd_submit(client, tmp_path, monkeypatch, ["query", str(folder), "--no-wait", "--json",
+                                                           "--batch-size", "2"])
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    names = [Path(r["path"]).name for r in rows]
+    assert names == ["00.png", "01.png", "02.png", "03.png", "03x.npy[0]", "03x.npy[1]", "04.png", "05.png", "06.png"]
+    assert rows[3]["request_id"] is None and "exceeds the limit" in rows[3]["error"]
+    assert all(r["request_id"] and r["error"] is None for k, r in enumerate(rows) if k != 3)
+    messages = _queued(raw, "detect")
+    assert [m["task"] for m in messages] == ["umcd.detect_batch"] * 5
+    assert [[it["request_id"] for it in m["kwargs"]["items"]] for m in messages] == [
+        [rows[0]["request_id"], rows[1]["request_id"]], [rows[2]["request_id"]],
+        [rows[4]["request_id"], rows[5]["request_id"]], [rows[6]["request_id"], rows[7]["request_id"]],
+        [rows[8]["request_id"]]]
+    first = messages[0]
+    assert raw.get(f"umcd:img:{first['id']}") == images["00.png"] + images["01.png"]
+    raw.delete("detect")
+    one_each = _umcd_submit(client, tmp_path, monkeypatch, ["query", str(folder / "00.png"), str(folder / "01.png"),
+                                                             "--no-wait", "--batch-size", "0"])
+    assert one_each.exit_code == 0, one_each.output
+    assert [m["task"] for m in _queued(raw, "detect")] == ["umcd.detect", "umcd.detect"]
+
+
+def test_umcd_submit_sends_the_rest_of_a_batch_when_one_file_changed_after_it_was_checked(
+        broker, tmp_path, monkeypatch):
+    from umcd.commands import submit
+
+    client, raw = broker
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(_png(8, seed=i))
+    real_add = submit._Batcher.add
+
+    def add_then_remove(self, path, row):  # the file goes away after its check, before its batch is sent
+        real_add(self, path, row)
+        if path.name == "1.png":
+            path.unlink()
+
+    monkeypatch.setattr(submit._Batcher, "add", add_then_remove)
+    result = _umcd_submit(client, tmp_path, monkeypatch, ["query", *(str(tmp_path / f"{i}.png") for i in range(3)),
+                                                          "--no-wait", "--json"])
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    assert [r["request_id"] is not None for r in rows] == [True, False, True]
+    assert "1.png" in rows[1]["error"]
+    (message,) = _queued(raw, "detect")
+    assert [it["request_id"] for it in message["kwargs"]["items"]] == [rows[0]["request_id"], rows[2]["request_id"]]
+
+
 def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_one(broker, tmp_path, monkeypatch):
     client, raw = broker
     pixels = np.random.default_rng(5).integers(0, 256, (300, 9, 9, 3), dtype=np.uint8)
@@ -299,7 +362,7 @@ def test_umcd_submit_lists_what_it_queued_before_the_broker_went_away(broker, tm
         return real(self, image, *args, **kwargs)
 
     monkeypatch.setattr(sdk.Client, "submit_query", submit_query)
-    result = _umcd_submit(client, tmp_path, monkeypatch, ["query", *map(str, paths), "--json"])
+    result = _umcd_submit(client, tmp_path, monkeypatch, ["query", *map(str, paths), "--json", "--batch-size", "0"])
     assert result.exit_code == 3, result.output
     said = " ".join(result.stderr.split())  # rich wraps long lines
     assert "broker unavailable" in said and "2 image(s) were queued before" in said
@@ -309,6 +372,32 @@ def test_umcd_submit_lists_what_it_queued_before_the_broker_went_away(broker, tm
     assert all(sent) and [r["request_id"] for r in rows[2:]] == [None, None]
     assert all("broker unavailable" in r["error"] for r in rows[2:])
     assert [m["id"] for m in _queued(raw, "detect")] == sent
+
+
+def test_umcd_submit_in_batches_lists_what_it_queued_before_the_broker_went_away(broker, tmp_path, monkeypatch):
+    from producers import sdk
+
+    client, raw = broker
+    paths = _png_files(tmp_path, 5)
+    real, calls = sdk.Client._send, []
+
+    def send(self, task, kwargs, *args, **options):
+        calls.append(task)
+        if len(calls) == 2:
+            raise sdk.BrokerUnavailable("could not send umcd.detect_batch: connection refused")
+        return real(self, task, kwargs, *args, **options)
+
+    monkeypatch.setattr(sdk.Client, "_send", send)
+    result = _umcd_submit(client, tmp_path, monkeypatch, ["query", *map(str, paths), "--json", "--batch-size", "2"])
+    assert result.exit_code == 3, result.output
+    assert "2 image(s) were queued before" in " ".join(result.stderr.split())
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    assert [r["path"] for r in rows] == list(map(str, paths)) and len(calls) == 2  # the third batch was not tried
+    assert all(r["request_id"] for r in rows[:2]) and not any(r["request_id"] for r in rows[2:])
+    assert all("broker unavailable" in r["error"] for r in rows[2:])
+    (message,) = _queued(raw, "detect")
+    assert [it["request_id"] for it in message["kwargs"]["items"]] == [r["request_id"] for r in rows[:2]]
+    assert [k.decode() for k in raw.scan_iter("umcd:img:*")] == [f"umcd:img:{message['id']}"]  # no orphan blob
 
 
 def test_a_finished_message_deletes_only_its_own_pixel_array(broker):

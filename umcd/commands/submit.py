@@ -19,6 +19,10 @@ submit_app = typer.Typer(
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ico", ".ppm", ".pgm"}
 #: a file of decoded pixels: a uint8 numpy array (n, H, W) or (n, H, W, C), sent as pixel-array batch messages
 ARRAY_SUFFIX = ".npy"
+#: image files a message by default (the SDK's DEFAULT_BATCH_SIZE; not imported here, to keep `umcd --help` light)
+BATCH_SIZE = 256
+BATCH_HELP = ("image files per batch message, stored once in Redis as the message's blob (0: one message per "
+              "file, as umcd.detect / umcd.screen)")
 _VERDICT_STYLE = {"benign": "green", "adversarial": "bold red", "invalid_input": "yellow", "error": "red"}
 
 
@@ -45,8 +49,74 @@ def _progress(console: Any):
                     console=console, transient=False)
 
 
+def _why(exc: BaseException) -> str:
+    from producers.sdk import BrokerUnavailable
+
+    return f"broker unavailable: {exc}" if isinstance(exc, BrokerUnavailable) else str(exc)
+
+
+class _Batcher:
+    """Image files of a submission gathered into batch messages of ``size`` (the SDK's ``batch=True``).
+
+    Each file is checked on its own first, so that a missing, unreadable or too large file is listed as not
+    sent and the others go on, as they do one message per file; a file that fails only while its group is
+    sent (it vanished in between) fails with the rest of that group, and what was queued before keeps its
+    request id."""
+
+    def __init__(self, client: Any, kind: str, size: int, progress: Any, task: Any, client_name: str | None,
+                 source: str | None, label: int | None) -> None:
+        self.client, self.kind, self.size = client, kind, size
+        self.progress, self.task = progress, task
+        self.extra = {"client": client_name} if kind == "query" else {"source": source, "label": label,
+                                                                        "client": client_name}
+        self.group: list[tuple[Path, dict[str, Any]]] = []
+
+    def add(self, path: Path, row: dict[str, Any]) -> None:
+        from producers.sdk import check_image
+
+        check_image(path, self.client.settings.max_image_bytes)
+        self.group.append((path, row))
+        if len(self.group) >= self.size:
+            self.flush()
+
+    def flush(self, again: bool = True) -> None:
+        """Send the gathered files; raises what stopped them (the rows of those not sent carry the error).
+
+        A file that changed since it was checked (gone, grown past the limit) stops the SDK before it sends
+        any of the group: then each file is checked again and the others are sent once more without it."""
+        from producers.sdk import BrokerUnavailable, check_image
+
+        group, self.group = self.group, []
+        if not group:
+            return
+
+        def sent(index: int, rid: str) -> None:
+            group[index][1]["request_id"] = rid
+            self.progress.advance(self.task)
+
+        submit = self.client.submit_queries if self.kind == "query" else self.client.submit_inserts
+        try:
+            submit([path for path, _ in group], on_sent=sent, batch=True, batch_size=self.size, **self.extra)
+        except Exception as exc:
+            if again and not isinstance(exc, BrokerUnavailable) and not any(row["request_id"] for _, row in group):
+                for path, row in group:
+                    try:
+                        check_image(path, self.client.settings.max_image_bytes)
+                        self.group.append((path, row))
+                    except (OSError, ValueError) as bad:
+                        row["error"] = _why(bad)
+                        self.progress.advance(self.task)
+                return self.flush(again=False)
+            for _, row in group:
+                if row["request_id"] is None:
+                    row["error"] = _why(exc)
+                    self.progress.advance(self.task)
+            raise
+
+
 def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: bool,
-         client_name: str | None, source: str | None = None, label: int | None = None) -> None:
+         client_name: str | None, source: str | None = None, label: int | None = None,
+         batch_size: int = 0) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -64,34 +134,54 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
     broker_down: BrokerUnavailable | None = None
     with Client() as client, _progress(err) as progress:
         task = progress.add_task(f"submitting to {'detect' if kind == 'query' else 'screen'}", total=len(files))
-        for path in files:
+        batcher = _Batcher(client, kind, batch_size, progress, task, client_name, source, label) if batch_size else None
+        for path in [*files, None]:  # None: the end, where the last batch goes
+            is_array = path is not None and path.suffix.lower() == ARRAY_SUFFIX
+            if batcher is not None and (path is None or is_array):  # the files gathered so far go first, in order
+                try:
+                    batcher.flush()
+                except BrokerUnavailable as exc:
+                    broker_down = exc
+                    break
+                except (ImageTooLarge, OSError, ValueError):
+                    pass  # its rows carry the error
+            if path is None:
+                break
             try:
-                if path.suffix.lower() == ARRAY_SUFFIX:
+                if is_array:
                     rows += _submit_array(client, kind, path, client_name, source, label)
-                    progress.advance(task)
-                    continue
-                row: dict[str, Any] = {"path": str(path), "request_id": None, "error": None, "result": None}
-                rows.append(row)
-                if kind == "query":
-                    row["request_id"] = client.submit_query(path, client=client_name)
                 else:
-                    row["request_id"] = client.submit_insert(path, source=source, label=label, client=client_name)
+                    row: dict[str, Any] = {"path": str(path), "request_id": None, "error": None, "result": None}
+                    rows.append(row)
+                    if batcher is not None:
+                        batcher.add(path, row)  # the progress bar advances as its batch is sent
+                        continue
+                    if kind == "query":
+                        row["request_id"] = client.submit_query(path, client=client_name)
+                    else:
+                        row["request_id"] = client.submit_insert(path, source=source, label=label,
+                                                                 client=client_name)
             except (BrokerUnavailable, ImageTooLarge, OSError, ValueError) as exc:
-                if path.suffix.lower() == ARRAY_SUFFIX:  # the images of the array queued before it stopped
+                if is_array:  # the images of the array queued before it stopped
                     rows += [{"path": f"{path}[{i}]", "request_id": rid, "error": None, "result": None}
                              for i, rid in enumerate(getattr(exc, "sent", []))]
                     rows.append({"path": str(path), "request_id": None, "error": None, "result": None})
-                rows[-1]["error"] = f"broker unavailable: {exc}" if isinstance(exc, BrokerUnavailable) else str(exc)
-                failures += 1
+                if rows[-1]["error"] is None:  # this file's own failure (a batch that failed marked and counted its rows)
+                    rows[-1]["error"] = _why(exc)
+                    progress.advance(task)
                 if isinstance(exc, BrokerUnavailable):  # the rest cannot be sent either
                     broker_down = exc
                     break
+                continue
             progress.advance(task)
         if broker_down is not None:
             listed = {row["path"] for row in rows}
             rows += [{"path": str(p), "request_id": None, "error": "not sent: broker unavailable", "result": None}
                      for p in files if str(p) not in listed]
-            failures += sum(1 for p in files if str(p) not in listed)
+            for row in rows:  # gathered for a batch that was never sent
+                if row["request_id"] is None and row["error"] is None:
+                    row["error"] = "not sent: broker unavailable"
+        failures = sum(1 for row in rows if row["request_id"] is None)
 
         pending = {row["request_id"]: row for row in rows if row["request_id"]}
         if wait and pending and broker_down is None:
@@ -170,9 +260,10 @@ def query(
     timeout: float = typer.Option(60.0, help="seconds to wait for verdicts"),
     as_json: bool = typer.Option(False, "--json", help="print JSON on stdout instead of a table"),
     client_name: Optional[str] = typer.Option(None, "--client", help="client name recorded in the audit"),
+    batch_size: int = typer.Option(BATCH_SIZE, "--batch-size", min=0, max=1024, help=BATCH_HELP),
 ) -> None:
     """Screen query images (queue detect); prints request ids and, when waiting, verdicts."""
-    _run("query", paths, wait=wait, timeout=timeout, as_json=as_json, client_name=client_name)
+    _run("query", paths, wait=wait, timeout=timeout, as_json=as_json, client_name=client_name, batch_size=batch_size)
 
 
 @submit_app.command("insert")
@@ -185,7 +276,8 @@ def insert(
     timeout: float = typer.Option(60.0, help="seconds to wait for verdicts"),
     as_json: bool = typer.Option(False, "--json", help="print JSON on stdout instead of a table"),
     client_name: Optional[str] = typer.Option(None, "--client", help="client name recorded in the audit"),
+    batch_size: int = typer.Option(BATCH_SIZE, "--batch-size", min=0, max=1024, help=BATCH_HELP),
 ) -> None:
     """Screen images for insertion (queue screen); benign ones join the database index."""
     _run("insert", paths, wait=wait, timeout=timeout, as_json=as_json, client_name=client_name,
-         source=source, label=label)
+         source=source, label=label, batch_size=batch_size)
