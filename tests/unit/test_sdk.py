@@ -32,16 +32,18 @@ ECHO_APP = textwrap.dedent('''
     import hashlib
     from umcd.celeryconf import make_celery, redis_from_url
     from umcd.settings import Settings
-    from workers.imaging import InvalidImage, decode_image, resolve_image_ref
+    from workers.batchtasks import store_item_results
+    from workers.imaging import InvalidImage, blob_part, decode_image, part_ref_source, read_blob, resolve_image_ref
 
     settings = Settings()
     app = make_celery(settings, name="echo")
     images = redis_from_url(settings.broker_url)
 
-    def _judge(kind, request_id, image, client, extra):
+    def _judge(kind, request_id, image, client, extra, data=None):
         if client == "explode":
             raise RuntimeError("the worker blew up on purpose")
-        data = resolve_image_ref(image, images, max_bytes=settings.max_image_bytes)
+        if data is None:
+            data = resolve_image_ref(image, images, max_bytes=settings.max_image_bytes)
         try:
             decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
                          min_side=settings.min_image_side, formats=settings.image_formats)
@@ -62,6 +64,23 @@ ECHO_APP = textwrap.dedent('''
     @app.task(name="umcd.screen")
     def screen(request_id, image, client=None, submitted_at=None, source=None, label=None):
         return _judge("insert", request_id, image, client, {"source": source, "label": label})
+
+    @app.task(name="umcd.detect_batch", bind=True)
+    def detect_batch(self, items, client=None, submitted_at=None):
+        """Each item's Result stored under its own request id, as the detection workers do; files read from
+        the message's blob once."""
+        blobs, done = {}, []
+        for item in items:
+            part = part_ref_source(item["image"])
+            data = None
+            if part is not None:
+                key, offset, length = part
+                if key not in blobs:
+                    blobs[key] = read_blob(key, images)
+                data = bytes(blob_part(blobs[key], key, offset, length, settings.max_image_bytes))
+            done.append((item["request_id"], _judge("query", item["request_id"], item["image"], client, {}, data)))
+        store_item_results(self.backend, done)
+        return {"items": len(items), "stored": len(done)}
 ''')
 
 
@@ -298,6 +317,14 @@ def test_umcd_submit_query_prints_json_verdicts(worker_env, echo_worker, tmp_pat
         rows = json.loads(result.stdout[result.stdout.index("["):])
         assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png"]
         assert [r["result"]["verdict"] for r in rows] == ["benign", "benign"]
+        # one batch message, its files read from its blob: each the bytes of its own file
+        assert [r["result"]["ref_kind"] for r in rows] == ["part", "part"]
+        assert [r["result"]["sha256"] for r in rows] == [
+            hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in ("a.png", "b.png")]
+        one_each = CliRunner().invoke(app, ["submit", "query", str(tmp_path), "--json", "--batch-size", "0"])
+        assert one_each.exit_code == 0, one_each.output
+        rows = json.loads(one_each.stdout[one_each.stdout.index("["):])
+        assert [r["result"]["ref_kind"] for r in rows] == ["inline", "redis_key"]  # b.png is over the inline limit
 
         no_wait = CliRunner().invoke(app, ["submit", "insert", str(tmp_path / "a.png"), "--no-wait",
                                            "--source", "cli", "--label", "2"])
