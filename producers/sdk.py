@@ -144,7 +144,7 @@ class Client:
     ``settings.image_ref_ttl_s`` seconds. Sending retries with back-off while the broker is down
     and raises :class:`BrokerUnavailable` after ``retry_policy`` is exhausted. With no
     ``broker_url``, the embedded broker under ``artifacts`` is started unless one is live there
-    (``start_embedded``); it outlives this client (``umcd.embedded.stop_stale`` stops it).
+    (``start_embedded``); it outlives this client (``umcd broker stop`` stops it).
     """
 
     def __init__(self, settings: Settings | None = None, *, app: Any = None, redis_client: Any = None,

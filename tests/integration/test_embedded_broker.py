@@ -211,3 +211,42 @@ def test_starting_a_second_server_on_the_same_artifacts_is_refused(artifacts):
 def test_a_socket_path_over_the_kernel_limit_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(EmbeddedBrokerError, match="too long"):
         EmbeddedRedis(tmp_path / ("x" * 120))
+
+
+def test_umcd_broker_shows_what_the_embedded_broker_holds_and_stops_it_keeping_its_queue(artifacts, monkeypatch):
+    """The SDK's embedded broker outlives the client that started it: `umcd broker status` shows it (pid, queued
+    messages) and `umcd broker stop` stops it; its queue comes back with the next start."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from producers.sdk import Client
+    from umcd.cli import app
+    from umcd.settings import get_settings
+
+    monkeypatch.setenv("UMCD_ARTIFACTS", str(artifacts))
+    monkeypatch.delenv("UMCD_BROKER_URL", raising=False)
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        none = runner.invoke(app, ["broker", "status"])
+        assert none.exit_code == 1 and "no embedded broker runs" in none.output
+        with Client(Settings(artifacts=artifacts)) as client:
+            ids = client.submit_queries([b"not an image, never screened"] * 3)
+        shown = runner.invoke(app, ["broker", "status", "--json"])
+        assert shown.exit_code == 0, shown.output
+        state = json.loads(shown.output)
+        assert state["running"] and psutil.pid_exists(state["pid"]) and state["queued"]["detect"] == 3
+        stopped = runner.invoke(app, ["broker", "stop"])
+        assert stopped.exit_code == 0 and f"pid {state['pid']}" in stopped.output
+        assert "3 message(s)" in stopped.output and not psutil.pid_exists(state["pid"])
+        assert runner.invoke(app, ["broker", "status"]).exit_code == 1
+        assert "no embedded broker runs" in runner.invoke(app, ["broker", "stop"]).output
+        server = ensure_embedded(artifacts)  # the next start: the queue is back
+        try:
+            queued = redis.Redis(unix_socket_path=str(server.socket_path)).lrange("detect", 0, -1)
+            assert len(queued) == 3 and all(any(rid.encode() in m for m in queued) for rid in ids)
+        finally:
+            server.stop()
+    finally:
+        get_settings.cache_clear()
