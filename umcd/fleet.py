@@ -36,6 +36,14 @@ NAME_DEFAULTS: dict[str, str] = {"POSTGRES_USER": "umcd", "POSTGRES_DB": "umcd",
 
 #: inherited variables that would silently override what the fleet sets for its children
 _SCRUBBED_ENV = re.compile(r"^(FLOWER_.*|CELERY_BROKER_URL|CELERY_RESULT_BACKEND|UMCD_METRICS_PORT)$")
+#: the variables of the shell running ``up`` that set how the fleet's processes behave (UMCD_DETECTOR,
+#: UMCD_VISIBILITY_TIMEOUT_S, ... and the thread and device choices): kept in ``.env`` (some are secret, e.g.
+#: UMCD_DETECTOR_SECRET), so that ``restart`` starts a process with them, whatever the shell running it holds
+_SETTINGS_ENV = re.compile(r"^(UMCD_.*|OMP_NUM_THREADS|MKL_NUM_THREADS|CUDA_VISIBLE_DEVICES)$")
+#: what the fleet sets itself, per fleet or per service (never taken from the shell as a setting)
+_FLEET_OWN_ENV = frozenset({"UMCD_ARTIFACTS", "UMCD_BROKER_URL", "UMCD_RESULT_BACKEND", "UMCD_DATABASE_URL",
+                            "UMCD_API_KEY", "UMCD_FLOWER_USER", "UMCD_FLOWER_PASSWORD", "UMCD_FLEET",
+                            "UMCD_METRICS_PORT", "UMCD_WORKER_CPUS", "UMCD_GATEWAY_HOST", "UMCD_GATEWAY_PORT"})
 _PLAIN_ENV_VALUE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]*$")
 
 
@@ -103,6 +111,9 @@ class FleetState:
     database: str  # redacted URL of the audit store
     oneshots: dict[str, dict] = field(default_factory=dict)  # name -> {"rc", "log"}
     version: int = STATE_VERSION
+    #: names of the shell's settings variables ``up`` gave the fleet (their values are in ``.env``); None in a
+    #: state written by an older umcd
+    settings: list[str] | None = None
 
     def service(self, name: str) -> ServiceRecord:
         """The record called ``name``; ``KeyError`` if there is none."""
@@ -427,7 +438,9 @@ class Fleet:
                 "UMCD_FLOWER_USER": values["FLOWER_USER"],
                 "UMCD_FLOWER_PASSWORD": values["FLOWER_PASSWORD"],
             }
-            self._write_env_file(values, client)
+            settings = {k: v for k, v in self.env.items() if _SETTINGS_ENV.match(k) and k not in _FLEET_OWN_ENV}
+            state.settings = sorted(settings)
+            self._write_env_file(values, client, settings)
             base_env = self._child_env(client)
 
             if self.migrate:
@@ -490,16 +503,23 @@ class Fleet:
         self._write_env_file(values, {})
         return values
 
-    def _write_env_file(self, values: Mapping[str, str], client: Mapping[str, str]) -> None:
+    def _write_env_file(self, values: Mapping[str, str], client: Mapping[str, str],
+                        settings: Mapping[str, str] | None = None) -> None:
         lines = [
             "# Secrets and URLs of the local fleet (umcd fleet up). Keep private: mode 600.",
             "# Load into a shell with:  set -a; . " + str(self.env_path) + "; set +a",
         ]
         lines += [_env_line(k, v) for k, v in {**values, **client}.items()]
+        if settings:
+            lines.append("# the settings of the shell that ran `umcd fleet up` (`umcd fleet restart` starts with them)")
+            lines += [_env_line(k, v) for k, v in settings.items()]
         write_private_file(self.env_path, "\n".join(lines) + "\n")
 
-    def _child_env(self, client: Mapping[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in self.env.items() if not _SCRUBBED_ENV.match(k)}
+    def _child_env(self, client: Mapping[str, str], *, shell_settings: bool = True) -> dict[str, str]:
+        """The environment of a child: this process's (without what would override the fleet's own variables,
+        and without its settings variables unless ``shell_settings``), then ``client``."""
+        env = {k: v for k, v in self.env.items()
+               if not _SCRUBBED_ENV.match(k) and (shell_settings or not _SETTINGS_ENV.match(k))}
         env.update(client)
         env["UMCD_FLEET"] = str(self.root)
         env["UMCD_METRICS_PORT"] = "0"
@@ -553,7 +573,8 @@ class Fleet:
     # ---- restart
     def restart(self, name: str) -> ServiceRecord:
         """Stop the worker, gateway or Flower called ``name`` if it still runs, start it again as ``up`` did (same
-        command line, port, CPUs and secrets), wait until it answers, and record it; return its new record.
+        command line, port, CPUs, secrets and settings: the ``UMCD_*`` and thread variables of the shell that ran
+        ``up``, not those of this one), wait until it answers, and record it; return its new record.
 
         Redis and PostgreSQL hold the fleet's state and every URL names their ports: restart those with ``down``
         and ``up`` (their data are kept).
@@ -568,7 +589,7 @@ class Fleet:
         if old.kind in ("redis", "postgres"):
             raise FleetError(f"{name} holds the fleet's state: restart the whole fleet with `umcd fleet down` and "
                              "`umcd fleet up` (its data are kept)")
-        if not old.argv or (old.kind == "worker" and "UMCD_METRICS_PORT" not in old.env):
+        if not old.argv or (old.kind == "worker" and "UMCD_METRICS_PORT" not in old.env) or state.settings is None:
             raise FleetError(f"{name} was recorded by an older umcd without what a restart needs: restart the whole "
                              "fleet with `umcd fleet down` and `umcd fleet up`")
         if any("***" in arg for arg in old.argv):  # a secret value occurs in its command line: recorded redacted
@@ -579,7 +600,9 @@ class Fleet:
         if not broker:
             raise FleetError(f"no fleet secrets at {self.env_path}: restart the whole fleet")
         self._terminate([old])
-        env = {**self._child_env({k: v for k, v in stored.items() if k.startswith("UMCD_")}), **old.env}
+        # the fleet's variables and the settings `up` was given, not those of the shell running this restart
+        recorded = {k: v for k, v in stored.items() if k.startswith("UMCD_") or k in state.settings}
+        env = {**self._child_env(recorded, shell_settings=False), **old.env}
         if old.kind == "flower":
             env.update(self._flower_auth({**NAME_DEFAULTS, **stored}))
         new = self._spawn(name, old.kind, old.argv, env, url=old.url, port=old.port, health=old.health,

@@ -304,6 +304,9 @@ def test_cli_up_status_down_with_sqlite(artifacts, probes, monkeypatch):
     for key in ("REDIS_PASSWORD", "FLOWER_PASSWORD", "UMCD_API_KEY"):
         monkeypatch.delenv(key, raising=False)
     common = ["--artifacts", str(artifacts)]
+    monkeypatch.setenv("UMCD_VISIBILITY_TIMEOUT_S", "37")  # settings of the shell running `up`, one of them secret
+    monkeypatch.setenv("UMCD_DETECTOR_SECRET", "s3cret-of-up")
+    monkeypatch.delenv("UMCD_TOP_K", raising=False)
 
     result = runner.invoke(app, ["fleet", "status", *common])
     assert result.exit_code == 0 and "no fleet recorded" in result.output
@@ -338,12 +341,22 @@ def test_cli_up_status_down_with_sqlite(artifacts, probes, monkeypatch):
         text = " ".join(result.output.split())
         assert "stopped: cpu." in text and "umcd fleet restart NAME" in text and "umcd fleet down" in text
 
-        # started again as `up` did: same command line and metrics port, answering; then every service is up
+        # started again as `up` did: same command line and metrics port, answering; then every service is up. The
+        # shell running `restart` lacks a setting `up` had and holds one `up` did not: the worker gets those of `up`
+        monkeypatch.delenv("UMCD_VISIBILITY_TIMEOUT_S")
+        monkeypatch.delenv("UMCD_DETECTOR_SECRET")
+        monkeypatch.setenv("UMCD_TOP_K", "3")
         result = runner.invoke(app, ["fleet", "restart", "cpu", *common])
         assert result.exit_code == 0, result.output
-        services = json.loads((artifacts / "fleet" / "state.json").read_text())["services"]
+        state = json.loads((artifacts / "fleet" / "state.json").read_text())
+        services = state["services"]
         cpu = next(s for s in services if s["name"] == "cpu")
         assert cpu["pid"] != rows[1]["pid"] and cpu["env"]["UMCD_METRICS_PORT"] == str(cpu["port"])
+        environ = psutil.Process(cpu["pid"]).environ()
+        assert environ["UMCD_VISIBILITY_TIMEOUT_S"] == "37" and environ["UMCD_DETECTOR_SECRET"] == "s3cret-of-up"
+        assert "UMCD_TOP_K" not in environ
+        assert {"UMCD_VISIBILITY_TIMEOUT_S", "UMCD_DETECTOR_SECRET"} <= set(state["settings"])
+        assert "s3cret-of-up" not in json.dumps(state)  # the secret's value is kept in .env (mode 600) only
         result = runner.invoke(app, ["fleet", "status", *common, "--json"])
         assert result.exit_code == 0 and all(r["alive"] for r in json.loads(result.output)), result.output
         pids.append(cpu["pid"])
@@ -374,10 +387,11 @@ def test_restart_refuses_what_it_cannot_start_again_as_it_was(tmp_path):
     with pytest.raises(FleetError, match="no fleet recorded"):
         fleet.restart("cpu")
     base = {"create_time": 0.0, "log": str(tmp_path / "x.log"), "url": "", "port": 1}
-    state = FleetState(artifacts=str(tmp_path), started_at=0.0, database="", services=[
+    state = FleetState(artifacts=str(tmp_path), started_at=0.0, database="", settings=[], services=[
         ServiceRecord(name="redis", kind="redis", pid=1, argv=["redis-server"], **base),
         ServiceRecord(name="cpu", kind="worker", pid=1, argv=["celery", "worker"], **base),
         ServiceRecord(name="gateway", kind="gateway", pid=1, argv=["uvicorn", "--app-dir", "/x/***/y"], **base),
+        ServiceRecord(name="flower", kind="flower", pid=1, argv=["celery", "flower"], **base),
     ])
     (tmp_path / "fleet").mkdir(exist_ok=True)
     write_private_file(fleet.state_path, state.to_json())
@@ -385,6 +399,10 @@ def test_restart_refuses_what_it_cannot_start_again_as_it_was(tmp_path):
                           ("nope", "no service 'nope'")]:
         with pytest.raises(FleetError, match=message):
             fleet.restart(name)
+    state.settings = None  # written by an umcd that did not keep the settings of `up`: restarting would lose them
+    write_private_file(fleet.state_path, state.to_json())
+    with pytest.raises(FleetError, match="older umcd"):
+        fleet.restart("flower")
 
 
 def test_env_file_round_trips_any_secret_with_mode_600(tmp_path):
