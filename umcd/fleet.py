@@ -99,6 +99,9 @@ class ServiceStatus:
     healthy: bool | None
     url: str
     log: str
+    #: the model version a detection worker serves (its ``umcd_model_info`` metric); None when it serves none yet,
+    #: for other services, or when not probed
+    model: str | None = None
 
 
 @dataclass
@@ -259,6 +262,23 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+_MODEL_INFO = re.compile(r'^umcd_model_info\{version="([^"\\]*)"\} 1(?:\.0)?$', re.M)
+
+
+def served_model(metrics_url: str, timeout: float = 2.0) -> str | None:
+    """The model version a detection worker's Prometheus endpoint says it serves, or None."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:  # noqa: S310 - loopback URL we built
+            text = response.read(4 * 2**20).decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    found = _MODEL_INFO.findall(text)
+    return found[0] if len(found) == 1 else None
 
 
 # --------------------------------------------------------------------------- the fleet
@@ -900,7 +920,9 @@ class Fleet:
                     healthy = self._redis_ping(record.port, stored.get("REDIS_PASSWORD", ""))
                 elif record.kind == "postgres" and record.port:
                     healthy = port_is_open(record.port)
-            out.append(ServiceStatus(record.name, record.kind, record.pid, alive, healthy, record.url, record.log))
+            model = served_model(record.url) if probe and alive and record.kind == "worker" and record.url else None
+            out.append(ServiceStatus(record.name, record.kind, record.pid, alive, healthy, record.url, record.log,
+                                     model))
         return out
 
     # ---- down

@@ -123,6 +123,19 @@ def test_flower_and_prometheus_see_both_workers_and_the_work_they_did(fleet):
         assert time.monotonic() < deadline, "the workers did not load the published model"
         time.sleep(0.2)
 
+    # `umcd fleet status` says which model each detection worker serves, and the store's active one
+    assert {r.name: r.model for r in fleet.status() if r.kind == "worker"} == {
+        "detect0": published.model_version, "detect1": published.model_version}
+    from typer.testing import CliRunner
+
+    from umcd.cli import app
+
+    shown = CliRunner().invoke(app, ["fleet", "status", "--artifacts", str(fleet.artifacts)], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.split())
+    assert f"active model: {published.model_version}, calibration {published.calibration_id} of detector umcd" in text
+    assert "not serving it yet" not in text
+
     images = _pngs(N_SDK + N_BATCH + N_GATEWAY + 2 * N_PINNED)
     with Client(settings) as client:
         nodes = sorted(node for reply in client.app.control.ping(timeout=2.0) for node in reply)

@@ -131,9 +131,12 @@ def register(app: typer.Typer) -> None:
                     return "[red]stopped[/red]"
                 return {True: "[green]healthy[/green]", False: "[red]unhealthy[/red]", None: "running"}[row.healthy]
 
+            workers = [r for r in rows if r.kind == "worker" and r.name != "cpu"]
             _print_table(console, "UMCD fleet", [
-                (r.name, str(r.pid), health(r), escape(r.url), escape(r.log)) for r in rows
-            ], ("service", "pid", "state", "url", "log"))
+                (r.name, str(r.pid), health(r), escape(r.model or ("-" if r not in workers else "none")),
+                 escape(r.url), escape(r.log)) for r in rows
+            ], ("service", "pid", "state", "serves", "url", "log"))
+            _print_active_model(console, fleet, [r for r in workers if r.alive])
         if rows and not all(r.alive and r.healthy is not False for r in rows):
             stopped = [r.name for r in rows if not r.alive]
             if stopped and not as_json:  # a service started again by hand is not the fleet's: say how to restart
@@ -146,6 +149,50 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     app.add_typer(fleet_app, name="fleet")
+
+
+def _print_active_model(console, fleet, workers: list) -> None:
+    """The audit store's active model and the calibration the fleet's detector serves, and which live detection
+    workers serve another version (switching, or unable to serve it: their log says why)."""
+    from rich.markup import escape
+
+    from umcd.fleet import read_env_file
+
+    stored = read_env_file(fleet.env_path) if fleet.env_path.exists() else {}
+    url = stored.get("UMCD_DATABASE_URL")
+    if not url:
+        return
+    detector = stored.get("UMCD_DETECTOR") or "umcd"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        console.print("active model: none (the audit store is not created yet)")  # never create an empty one here
+        return
+    try:
+        from db import repo
+        from db.session import dispose_engine, session_scope
+
+        try:
+            with session_scope(url) as s:
+                mv = repo.active_model_version(s)
+                version = mv.version if mv is not None else None
+                cal = repo.active_calibration(s, version, detector) if version is not None else None
+                calibration = (cal.id, cal.target_fpr) if cal is not None else None
+        finally:
+            dispose_engine(url)
+    except Exception as exc:  # noqa: BLE001 - the store is down or not migrated: status still shows the processes
+        console.print(f"active model: unknown (audit store: {escape(type(exc).__name__)})")
+        return
+    if version is None:
+        console.print("active model: none published yet (`umcd publish` or the train task)")
+        return
+    line = f"active model: [bold]{escape(version)}[/bold]"
+    line += (f", calibration {calibration[0]} of detector {escape(detector)} (target FPR {calibration[1]:g})"
+             if calibration else f"; [yellow]no active calibration of detector {escape(detector)}[/yellow]: its workers "
+             "keep serving what they served")
+    console.print(line)
+    behind = [w.name for w in workers if w.model != version]
+    if behind:
+        console.print(f"[yellow]not serving it yet: {', '.join(behind)}[/yellow] (workers switch within "
+                      "UMCD_MODEL_POLL_INTERVAL_S; one that cannot serve it logs why and keeps its model)")
 
 
 def _print_table(console, title: str, rows: list[tuple[str, ...]], columns: tuple[str, ...]) -> None:
