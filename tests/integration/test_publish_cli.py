@@ -67,3 +67,23 @@ def test_publish_migrates_a_fresh_store_seeds_calibrates_and_activates_the_model
         assert len(list(folder.glob("*.png"))) == 4 and (folder / "manifest.json").is_file()
     finally:
         get_settings.cache_clear()
+
+
+def test_publish_warns_when_the_local_fleet_serves_another_detector(tmp_path):
+    """The fleet's workers serve the UMCD_DETECTOR their `up` was given; a calibration of another detector is not
+    theirs (found by an exploratory model-switch test: it was published and silently not served)."""
+    from umcd.commands.publish import fleet_detector_mismatch
+    from umcd.fleet import Fleet, FleetState, write_private_file
+
+    fleet = Fleet(tmp_path)
+    assert fleet_detector_mismatch(tmp_path, "umcd-multi") is None  # no fleet recorded here
+    fleet.root.mkdir(parents=True)
+    write_private_file(fleet.state_path, FleetState(artifacts=str(tmp_path), started_at=0.0, services=[],
+                                                    database="", settings=[]).to_json())
+    write_private_file(fleet.env_path, "UMCD_BROKER_URL=redis://x\n")  # up was given no UMCD_DETECTOR: umcd
+    assert fleet_detector_mismatch(tmp_path, "umcd") is None
+    warning = fleet_detector_mismatch(tmp_path, "umcd-multi")
+    assert warning and "serves detector umcd" in warning and "--detector umcd" in warning
+    write_private_file(fleet.env_path, "UMCD_DETECTOR=umcd-multi\n")
+    assert fleet_detector_mismatch(tmp_path, "umcd-multi") is None
+    assert "serves detector umcd-multi" in fleet_detector_mismatch(tmp_path, "umcd")

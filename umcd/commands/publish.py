@@ -48,6 +48,9 @@ def publish(
         raise typer.BadParameter(f"unknown detector {detector or s.detector!r}; known: {', '.join(known)}",
                                  param_hint="--detector" if detector else "UMCD_DETECTOR")
     err = Console(stderr=True)
+    mismatch = fleet_detector_mismatch(s.artifacts, detector or s.detector)
+    if mismatch:
+        err.print(f"[yellow]warning:[/] {mismatch}", markup=True, highlight=False)
     err.print(f"publishing {path} to {redact_url(s.db_url)}")
     try:
         upgrade(s.db_url)  # a fresh store gets its tables; a current one is left as it is (safe beside running workers)
@@ -61,3 +64,21 @@ def publish(
     else:
         Console().print(f"model [bold]{result.model_version}[/] is active: detector {result.detector}, calibration "
                         f"{result.calibration_id} (held-out FPR {result.heldout_fpr:.3f}), {result.n_active} active images")
+
+
+def fleet_detector_mismatch(artifacts: Path, detector: str) -> str | None:
+    """Why the local fleet recorded under ``artifacts`` (``umcd fleet up``) will not serve ``detector``'s
+    calibration, or None: its detection workers serve the ``UMCD_DETECTOR`` its ``up`` was given (default umcd),
+    and a calibration of another detector is not theirs (they keep serving their own detector's active
+    calibration of the version, if there is one, else their previous model)."""
+    from umcd.fleet import Fleet, read_env_file
+
+    fleet = Fleet(artifacts)
+    if not (fleet.env_path.is_file() and fleet.state_path.is_file()):
+        return None
+    served = read_env_file(fleet.env_path).get("UMCD_DETECTOR") or "umcd"
+    if served == detector:
+        return None
+    return (f"the fleet recorded in {fleet.root} serves detector {served} (UMCD_DETECTOR of its `umcd fleet up`), "
+            f"not {detector}: its workers will not serve this calibration. Publish with --detector {served}, or "
+            f"bring the fleet up again with UMCD_DETECTOR={detector}")
