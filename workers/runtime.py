@@ -432,8 +432,6 @@ class DetectionRuntime:
         added = 0
         if items:
             codes, failed = encode_stored(state.model, items, self.settings, state.image_size, self.device)
-            for image_id, _ in codes:
-                retry.pop(image_id, None)
             paths = dict(items)
             for image_id, why in failed:
                 failures = retry.get(image_id, (0, 0.0))[0] + 1
@@ -448,8 +446,18 @@ class DetectionRuntime:
                 log.warning("image %d cannot be re-encoded under %s (%s); trying again in %.0f s", image_id,
                             state.version, why, wait)
             if codes:
-                with session_scope(self.engine, write=True) as s:
-                    added = repo.add_image_codes_bulk(s, state.version, codes)
+                try:
+                    with session_scope(self.engine, write=True) as s:
+                        added = repo.add_image_codes_bulk(s, state.version, codes)
+                except Exception:
+                    # not written: the new ones past the cursor are read again (the cursor stays), and retried ones
+                    # stay due (dropping them first lost them for good when the audit store failed for a moment)
+                    for image_id, _ in codes:
+                        if image_id in retry:
+                            retry[image_id] = (retry[image_id][0], now)
+                    raise
+                for image_id, _ in codes:
+                    retry.pop(image_id, None)
             if added:
                 log.info("re-encoded %d images inserted under an older model into %s", added, state.version)
         if self._state is state:

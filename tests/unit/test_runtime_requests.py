@@ -447,6 +447,15 @@ def test_images_inserted_under_the_old_model_are_re_encoded_and_a_failed_one_is_
         with session_scope(rt.engine, write=True) as s:
             assert repo.remove_image(s, ids["removed"])
         monkeypatch.setattr(runtime_module, "time", _Later(3601))  # past any first wait (at most an hour)
+        real_add = repo.add_image_codes_bulk
+
+        def store_down(*args, **kwargs):
+            raise RuntimeError("the audit store went away for a moment")
+
+        monkeypatch.setattr(repo, "add_image_codes_bulk", store_down)  # encoded, then its code cannot be written
+        with pytest.raises(RuntimeError, match="went away"):
+            rt.reencode_stragglers()
+        monkeypatch.setattr(repo, "add_image_codes_bulk", real_add)  # still due: tried again at the next pass
         assert rt.reencode_stragglers() == 1 and coded() == {ids["fine"], ids["flaky"]}
         retry = rt._straggler_retry
         assert ids["removed"] not in retry and ids["flaky"] not in retry  # removed meanwhile: dropped, not retried
