@@ -573,9 +573,9 @@ def part_ref_source(ref: Any) -> tuple[str, int, int] | None:
         raise InvalidImage(f"bad image reference: a 'part' needs a 'redis_key' starting with {REDIS_KEY_PREFIX!r}",
                            "bad_reference")
     if (not isinstance(offset, int) or isinstance(offset, bool) or offset < 0
-            or not isinstance(length, int) or isinstance(length, bool) or length < 1):
-        raise InvalidImage("bad image reference: a 'part' needs an 'offset' >= 0 and a 'length' >= 1 (integers)",
-                           "bad_reference")
+            or not isinstance(length, int) or isinstance(length, bool) or length < 0):
+        raise InvalidImage("bad image reference: a 'part' needs an 'offset' and a 'length' >= 0 (integers)",
+                           "bad_reference")  # an empty file (length 0) is decoded, and refused, as one
     return key, offset, length
 
 

@@ -128,9 +128,10 @@ def test_part_references_are_parsed_and_malformed_or_out_of_range_ones_refused()
     ref = {"part": {"redis_key": "umcd:img:m1", "offset": 3, "length": 2}}
     assert part_ref_source({"inline": "AAAA"}) is None
     assert part_ref_source(ref) == ("umcd:img:m1", 3, 2)
+    assert part_ref_source({"part": {"redis_key": "umcd:img:m1", "offset": 3, "length": 0}}) == ("umcd:img:m1", 3, 0)
     for bad in ({"part": {"redis_key": "umcd:img:m1", "offset": 0}},
                 {"part": {"redis_key": "umcd:img:m1", "offset": -1, "length": 2}},
-                {"part": {"redis_key": "umcd:img:m1", "offset": 0, "length": 0}},
+                {"part": {"redis_key": "umcd:img:m1", "offset": 0, "length": -1}},
                 {"part": {"redis_key": "umcd:img:m1", "offset": True, "length": 2}},
                 {"part": {"redis_key": "umcd:img:m1", "offset": 0, "length": 2.0}},
                 {"part": {"redis_key": "celery-task-meta-m1", "offset": 0, "length": 2}},

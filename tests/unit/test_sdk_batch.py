@@ -324,6 +324,32 @@ def test_umcd_submit_sends_the_rest_of_a_batch_when_one_file_changed_after_it_wa
     assert [it["request_id"] for it in message["kwargs"]["items"]] == [rows[0]["request_id"], rows[2]["request_id"]]
 
 
+def test_umcd_submit_sends_the_rest_when_a_file_vanishes_after_part_of_its_batch_went_out(
+        broker, tmp_path, monkeypatch):
+    """A batch split by the SDK into two blobs: the file that vanishes is in the second, after the first was sent;
+    the intact file beside it is sent once more, not reported with the other's error (found by a code review)."""
+    from producers import sdk
+
+    client, raw = broker
+    paths = _png_files(tmp_path, 4)
+    monkeypatch.setattr(sdk, "BLOB_MESSAGE_BYTES", 2 * max(p.stat().st_size for p in paths) + 1)  # two files a blob
+    real = sdk.read_image
+
+    def read_image(image, max_bytes):  # 3.png goes away after its checks, while its batch is being sent
+        if isinstance(image, Path) and image.name == "3.png" and image.exists():
+            image.unlink()
+        return real(image, max_bytes)
+
+    monkeypatch.setattr(sdk, "read_image", read_image)
+    result = _umcd_submit(client, tmp_path, monkeypatch, ["query", *map(str, paths), "--no-wait", "--json"])
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    assert [r["request_id"] is not None for r in rows] == [True, True, True, False]
+    assert "3.png" in rows[3]["error"] and rows[2]["error"] is None
+    assert [[it["request_id"] for it in m["kwargs"]["items"]] for m in _queued(raw, "detect")] == [
+        [rows[0]["request_id"], rows[1]["request_id"]], [rows[2]["request_id"]]]
+
+
 def test_umcd_submit_sends_an_npy_file_as_pixel_array_batches_and_reports_a_bad_one(broker, tmp_path, monkeypatch):
     client, raw = broker
     pixels = np.random.default_rng(5).integers(0, 256, (300, 9, 9, 3), dtype=np.uint8)

@@ -82,8 +82,9 @@ class _Batcher:
     def flush(self, again: bool = True) -> None:
         """Send the gathered files; raises what stopped them (the rows of those not sent carry the error).
 
-        A file that changed since it was checked (gone, grown past the limit) stops the SDK before it sends
-        any of the group: then each file is checked again and the others are sent once more without it."""
+        A file that changed since it was checked (gone, grown past the limit) stops the SDK at that file (or, at
+        its pre-check, before anything of the group): then each file not sent yet is checked again and the others
+        are sent once more without it."""
         from producers.sdk import BrokerUnavailable, check_image
 
         group, self.group = self.group, []
@@ -98,15 +99,19 @@ class _Batcher:
         try:
             submit([path for path, _ in group], on_sent=sent, batch=True, batch_size=self.size, **self.extra)
         except Exception as exc:
-            if again and not isinstance(exc, BrokerUnavailable) and not any(row["request_id"] for _, row in group):
+            if again and not isinstance(exc, BrokerUnavailable):
                 for path, row in group:
+                    if row["request_id"] is not None:
+                        continue
                     try:
                         check_image(path, self.client.settings.max_image_bytes)
                         self.group.append((path, row))
                     except (OSError, ValueError) as bad:
                         row["error"] = _why(bad)
                         self.progress.advance(self.task)
-                return self.flush(again=False)
+                if any(row["error"] is not None for _, row in group):  # the file that changed is set aside
+                    return self.flush(again=False)
+                self.group = []
             for _, row in group:
                 if row["request_id"] is None:
                     row["error"] = _why(exc)
