@@ -45,6 +45,7 @@ _FLEET_OWN_ENV = frozenset({"UMCD_ARTIFACTS", "UMCD_BROKER_URL", "UMCD_RESULT_BA
                             "UMCD_API_KEY", "UMCD_FLOWER_USER", "UMCD_FLOWER_PASSWORD", "UMCD_FLEET",
                             "UMCD_METRICS_PORT", "UMCD_WORKER_CPUS", "UMCD_GATEWAY_HOST", "UMCD_GATEWAY_PORT"})
 _PLAIN_ENV_VALUE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]*$")
+ENV_FILE_NAME = ".env"
 
 
 def worker_cpu_lists(workers: int, available=None) -> list[str | None]:
@@ -203,6 +204,10 @@ def write_private_file(path: str | Path, text: str) -> None:
 
 
 def _env_line(key: str, value: str) -> str:
+    if any(c in value for c in "\n\r\0"):  # .env is read line by line: such a value would come back cut, or as
+        # another variable (a line of it that looks like KEY=VALUE)
+        raise FleetError(f"{key} holds a line break or NUL: the fleet keeps it in {ENV_FILE_NAME}, one line a "
+                         "variable; give it on one line")
     if _PLAIN_ENV_VALUE.match(value):
         return f"{key}={value}"
     return f"{key}='" + value.replace("'", "'\\''") + "'"
@@ -428,9 +433,13 @@ class Fleet:
         self.state_path.unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
+        settings = {k: v for k, v in self.env.items() if _SETTINGS_ENV.match(k) and k not in _FLEET_OWN_ENV}
+        for key, value in settings.items():  # one that .env cannot keep is refused before anything starts
+            _env_line(key, value)
         values = self._secrets()
         secret_values = [values[name] for name in SECRET_NAMES]
-        state = FleetState(artifacts=str(self.artifacts), started_at=time.time(), services=[], database="")
+        state = FleetState(artifacts=str(self.artifacts), started_at=time.time(), services=[], database="",
+                           settings=sorted(settings))
         try:
             redis_port = free_port(avoid=self._ports)
             self._progress(f"starting redis-server on port {redis_port}")
@@ -458,8 +467,6 @@ class Fleet:
                 "UMCD_FLOWER_USER": values["FLOWER_USER"],
                 "UMCD_FLOWER_PASSWORD": values["FLOWER_PASSWORD"],
             }
-            settings = {k: v for k, v in self.env.items() if _SETTINGS_ENV.match(k) and k not in _FLEET_OWN_ENV}
-            state.settings = sorted(settings)
             self._write_env_file(values, client, settings)
             base_env = self._child_env(client)
 

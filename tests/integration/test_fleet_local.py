@@ -405,6 +405,15 @@ def test_restart_refuses_what_it_cannot_start_again_as_it_was(tmp_path):
         fleet.restart("flower")
 
 
+def test_a_setting_on_several_lines_is_refused_before_anything_starts(tmp_path):
+    """.env is read line by line: a value with a line break would come back cut, or a line of it as another
+    variable (found by a code review once `up` kept the shell's settings there)."""
+    fleet = Fleet(tmp_path, env={**os.environ, "UMCD_IMAGE_ROOTS": '[\n "/shared"\n]'}, postgres=False)
+    with pytest.raises(FleetError, match="UMCD_IMAGE_ROOTS holds a line break"):
+        fleet.up()
+    assert fleet.read_state() is None and not fleet.is_up()
+
+
 def test_env_file_round_trips_any_secret_with_mode_600(tmp_path):
     from umcd.fleet import _env_line, write_private_file
 
