@@ -95,8 +95,10 @@ class Settings(BaseSettings):
     #: False: Pillow decodes every image
     fast_png: bool = True
     inline_image_limit: int = Field(256 * 1024, ge=0)
-    #: seconds an image or pixel array stored in Redis for a worker lives (Redis refuses an expiry of 0)
-    image_ref_ttl_s: int = Field(3600, gt=0)
+    #: seconds an image, pixel array or file blob stored in Redis for a worker lives (Redis refuses an expiry of 0),
+    #: and a message's request-ledger entry. Workers delete each once its request or message is answered, so this
+    #: bounds only what is never answered; a queue backlog older than it loses its images (answered invalid_input)
+    image_ref_ttl_s: int = Field(86400, gt=0)
 
     # gateway
     api_key: SecretStr | None = None

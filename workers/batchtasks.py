@@ -91,12 +91,40 @@ def store_item_results(backend: Any, entries: list[tuple[str, dict | BaseExcepti
     _store_script(client)(keys=keys, args=[int(expires) if expires else 0, *values], client=client)
 
 
+def own_image_key(image: Any, request_id: Any) -> str | None:
+    """The ``redis_key`` of an ImageRef when it is the request's own (``umcd:img:<request id>:<random>``, as the SDK
+    stores an image too large to travel inline), else None: only such a key is deleted once the request is
+    answered (a redelivery answers from the audit store), so a crafted reference deletes no one else's image."""
+    from workers.imaging import image_redis_key
+
+    if not (isinstance(image, dict) and len(image) == 1 and isinstance(request_id, str) and request_id):
+        return None
+    key = image.get("redis_key")
+    if isinstance(key, str) and image_redis_key(key) and key.startswith(f"umcd:img:{request_id}:"):
+        return key
+    return None
+
+
+def release_image_key(runtime: Any, image: Any, request_id: Any) -> int:
+    """Delete a single-image message's own Redis image once its Result is stored; 0 when there is none, or when
+    Redis is away (the key then expires with its TTL)."""
+    key = own_image_key(image, request_id)
+    client = runtime.redis if key is not None else None
+    if client is None:
+        return 0
+    try:
+        return int(client.unlink(key))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not delete image %s (%s: %s); it expires with its TTL", key, type(exc).__name__, exc)
+        return 0
+
+
 def release_arrays(runtime: Any, items: list[dict], message_id: str | None) -> int:
     """Delete the pixel array or file blob in Redis of message ``message_id`` once its ``items`` all have their
     Results.
 
-    A pixel array (``array`` ImageRefs) or a blob of image files (``part`` ImageRefs) belongs to the one
-    message that references it: the SDK stores it under ``umcd:img:<message id>``, so once the message is
+    Items' own single-image keys (:func:`own_image_key`) go too. A pixel array (``array`` ImageRefs) or a blob
+    of image files (``part`` ImageRefs) belongs to the one message that references it: the SDK stores it under ``umcd:img:<message id>``, so once the message is
     answered nobody reads it again (a redelivery answers from the audit store). Without this, each would sit
     in Redis for its whole TTL (``image_ref_ttl_s``). Only that key is deleted: an item naming another key
     (another message's array, a single image's key) deletes nothing. Returns how many keys were deleted; a
@@ -106,9 +134,13 @@ def release_arrays(runtime: Any, items: list[dict], message_id: str | None) -> i
 
     keys = set()
     for item in items:
-        key = message_blob_key(item.get("image"))
+        image = item.get("image")
+        key = message_blob_key(image)
         if key is not None and image_redis_key(key) and message_id and key == f"umcd:img:{message_id}":
             keys.add(key)  # this message's own array or blob: a crafted reference deletes nothing else
+        key = own_image_key(image, item.get("request_id"))
+        if key is not None:
+            keys.add(key)
     client = runtime.redis if keys else None
     if client is None:
         return 0

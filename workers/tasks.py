@@ -79,7 +79,7 @@ def _screen(task, kind: str, request_id: str, image: Any, client: str | None, su
         submitted_at=submitted_at, client=client, source=source, label=label,
     )
     try:
-        return runtime.handle(request, image)
+        result = runtime.handle(request, image)
     except NoModel as exc:
         _, max_retries, kwargs = retry_plan(task.request, no_model=True)
         raise task.retry(exc=exc, kwargs=kwargs, countdown=NO_MODEL_COUNTDOWN_S, max_retries=max_retries) from None
@@ -90,6 +90,10 @@ def _screen(task, kind: str, request_id: str, image: Any, client: str | None, su
         outages, max_retries, kwargs = retry_plan(task.request, no_model=False)
         log.warning("request %s: %s: %s; retrying (%d so far)", request_id, type(exc).__name__, exc, outages)
         raise task.retry(exc=exc, kwargs=kwargs, countdown=backoff_s(outages), max_retries=max_retries) from None
+    from workers.batchtasks import release_image_key
+
+    release_image_key(runtime, image, request_id)  # answered and stored: nobody reads its own image again
+    return result
 
 
 #: train, attack and eval are acknowledged when a worker takes them, not when they end. They run for minutes to

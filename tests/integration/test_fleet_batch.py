@@ -383,3 +383,43 @@ def test_a_message_of_more_than_1024_images_fails_each_one_and_its_array_is_dele
     assert fleet.client.wait([victim], timeout=30)[victim].to_dict() == before.to_dict()
     assert _array_keys_left(fleet, {key}) == set()
     assert fleet.rows(ids[:5]) == {rid: [] for rid in ids[:5]}  # nothing was scored
+
+
+def test_an_image_stored_under_its_own_key_is_deleted_once_answered_and_no_other(fleet, digit_pngs):
+    """An image too large to travel inline waits in Redis under a key of its request's own; once the request is
+    answered nobody reads it again (a redelivery answers from the audit store), so the worker deletes it instead
+    of leaving it for its whole TTL (a day). A crafted reference to another request's key deletes nothing."""
+    import redis as redis_lib
+
+    raw = redis_lib.Redis.from_url(fleet.settings.broker_url)
+    large = png(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert len(large) > INLINE_LIMIT
+    keys: list[str] = []
+    real_ref = fleet.client.image_ref
+
+    def image_ref(request_id, data):  # the keys the SDK stores images under
+        ref = real_ref(request_id, data)
+        keys.extend([ref["redis_key"]] if "redis_key" in ref else [])
+        return ref
+
+    fleet.client.image_ref = image_ref
+    try:
+        single = fleet.client.submit_query(large)
+        inline_batch = fleet.client._submit_inline_batches("umcd.detect", [digit_pngs[1], large], [None, None], {},
+                                                           None, 16)  # the batch form of a broker that is not Redis
+    finally:
+        del fleet.client.image_ref
+    assert len(keys) == 2 and keys[0].startswith(f"umcd:img:{single}:")
+    other = f"umcd:img:someone-else-{uuid.uuid4().hex[:8]}:0123456789abcdef"
+    raw.set(other, large, ex=300)
+    crafted = f"crafted-{uuid.uuid4().hex[:8]}"
+    fleet.client.app.send_task("umcd.detect", task_id=crafted, kwargs={
+        "request_id": crafted, "image": {"redis_key": other}, "submitted_at": time.time()})
+    ids = [single, *inline_batch, crafted]
+    results = fleet.client.wait(ids, timeout=60)
+    assert set(results) == set(ids) and all(r.verdict in ("benign", "adversarial") for r in results.values())
+    deadline = time.monotonic() + 10
+    while (left := [k for k in keys if raw.exists(k)]) and time.monotonic() < deadline:  # a batch's go at its end
+        time.sleep(0.1)
+    assert left == [] and raw.exists(other)  # another request's image stays, whoever names it
+    assert 0 < raw.ttl(other) and fleet.client.settings.image_ref_ttl_s == 24 * 3600
