@@ -413,41 +413,75 @@ def _read_path(path_text: Any, allowed_roots: Sequence[Path | str] | None, max_b
 def _read_opened(resolved: Path, path_text: str, roots: list[Path] | None, max_bytes: int | None) -> bytes:
     """Read ``resolved`` (a path the caller resolved and found inside ``roots``), deciding on what was opened.
 
-    The path is checked before it is opened, so a directory on it could be swapped for a symlink in
-    between. Hence the file is opened without following a final symlink and without blocking (a FIFO put
-    there cannot hang the worker), and the checks that matter are made again on the open descriptor: a
-    regular file, within ``max_bytes``, and, where the kernel names what a descriptor points to
-    (``/proc/self/fd``), inside ``roots``.
+    The path is checked before it is opened, so a directory on it could be swapped for a symlink in between.
+    Where the kernel names what a descriptor points to (Linux: ``O_PATH`` and ``/proc/self/fd``), the file is
+    first opened as a path only (no I/O, so no device is ever opened), without following a final symlink; it is
+    read only if that is a regular file inside ``roots``, through that very descriptor. Elsewhere it is opened
+    without following a final symlink and without blocking (a FIFO cannot hang the worker), and checked on the
+    open descriptor. Errors that are the file system's, not the request's (EMFILE, EIO, ...), propagate.
     """
-    not_regular = InvalidImage(f"image path is not a regular file: {path_text}", "bad_reference")
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(resolved, flags)
-    except PermissionError:
-        raise InvalidImage(f"image path unreadable (permission denied): {path_text}", "bad_reference") from None
-    except FileNotFoundError:
-        raise InvalidImage(f"image path not found: {path_text}", "bad_reference") from None
-    except OSError as exc:  # ELOOP: the last component became a symlink; EISDIR, ENXIO (a socket), ...
-        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            raise not_regular from None
-        raise InvalidImage(f"image path unreadable: {path_text} ({type(exc).__name__})", "bad_reference") from None
-    try:  # before fdopen, which refuses a directory with its own error
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise not_regular
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as fh:
-        if roots is not None:
-            opened = _opened_path(fd)
+    outside = InvalidImage(f"image path outside the allowed directories: {path_text}", "bad_reference")
+    nofollow, cloexec = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_CLOEXEC", 0)
+    o_path = getattr(os, "O_PATH", None)
+    if o_path is not None and os.path.isdir("/proc/self/fd"):
+        handle = _open_or_refuse(resolved, o_path | nofollow | cloexec, path_text)
+        try:
+            info = _regular(handle, path_text)
+            opened = _opened_path(handle)
+            if roots is not None and (opened is None or not any(opened.is_relative_to(root) for root in roots)):
+                raise outside
+            fd = _open_or_refuse(f"/proc/self/fd/{handle}", os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | cloexec,
+                                 path_text)
+        finally:
+            os.close(handle)
+        try:
+            again = os.fstat(fd)
+            if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino):  # cannot happen: the same open file
+                raise InvalidImage(f"image path changed while it was read: {path_text}", "bad_reference")
+        except BaseException:
+            os.close(fd)
+            raise
+    else:
+        fd = _open_or_refuse(resolved, os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0) | cloexec, path_text)
+        try:
+            info = _regular(fd, path_text)
+            opened = _opened_path(fd) if roots is not None else None
             if opened is not None and not any(opened.is_relative_to(root) for root in roots):
-                raise InvalidImage(f"image path outside the allowed directories: {path_text}", "bad_reference")
+                raise outside
+        except BaseException:
+            os.close(fd)
+            raise
+    with os.fdopen(fd, "rb") as fh:
         if max_bytes is not None and info.st_size > max_bytes:
             raise InvalidImage(
                 f"image too large: {_human_bytes(info.st_size)} exceeds the limit of {_human_bytes(max_bytes)}",
                 "too_many_bytes")
         return fh.read(max_bytes + 1 if max_bytes is not None else -1)
+
+
+#: errors of opening a named file that are the request's (what it names), not the file system's
+_REFUSED_OPEN = {errno.ENOENT: "not found", errno.ENOTDIR: "not found", errno.ELOOP: "is not a regular file",
+                 errno.EISDIR: "is not a regular file", errno.ENXIO: "is not a regular file",
+                 errno.EACCES: "unreadable (permission denied)", errno.EPERM: "unreadable (permission denied)",
+                 errno.ENAMETOOLONG: "unreadable (name too long)"}
+
+
+def _open_or_refuse(path: Path | str, flags: int, path_text: str) -> int:
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        what = _REFUSED_OPEN.get(exc.errno)
+        if what is None:
+            raise  # EMFILE, EIO, ENOMEM ...: the worker's trouble, not a bad request
+        text = f"image path {what}: {path_text}" if what != "not found" else f"image path not found: {path_text}"
+        raise InvalidImage(text, "bad_reference") from None
+
+
+def _regular(fd: int, path_text: str) -> os.stat_result:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidImage(f"image path is not a regular file: {path_text}", "bad_reference")
+    return info
 
 
 def _opened_path(fd: int) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import os
@@ -419,6 +420,15 @@ def test_path_reference_decides_on_the_file_it_opened_not_on_the_name_it_checked
         imaging._read_opened(inside, "shared", roots, None)
     with pytest.raises(InvalidImage, match="not found"):
         imaging._read_opened(inside / "gone.png", "gone.png", roots, None)
+    real_open = os.open
+
+    def file_table_full(path, flags, *args):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", file_table_full)  # the worker's trouble, not the request's: it propagates
+    with pytest.raises(OSError, match="Too many open files"):
+        imaging._read_opened(inside / "sub" / "a.png", "a.png", roots, None)
+    monkeypatch.setattr(os, "open", real_open)
     (tmp_path / "moved" / "a.png").write_bytes(b"x" * 10)
     with pytest.raises(InvalidImage) as info:  # the size limit from the open file, too
         imaging._read_opened(tmp_path / "moved" / "a.png", "a.png", None, 9)
