@@ -542,6 +542,12 @@ def _read_redis_key(value: Any, redis_client: Any, max_bytes: int | None) -> byt
     if redis_client is None:
         raise InvalidImage("bad image reference: 'redis_key' given but no Redis client is configured",
                            "bad_reference")
+    if max_bytes is not None:  # the size first: a crafted reference to a huge value is refused without reading it
+        size = redis_client.strlen(value)
+        if size > max_bytes:
+            raise InvalidImage(
+                f"image too large: {_human_bytes(size)} exceeds the limit of {_human_bytes(max_bytes)}",
+                "too_many_bytes")
     data = redis_client.get(value)
     if data is None:
         raise InvalidImage(f"image {value} is missing from Redis (expired or never stored)", "bad_reference")

@@ -589,9 +589,14 @@ class DetectionRuntime:
 
     def _blob_part(self, part: tuple[str, int, int], blobs: dict[str, bytes | BaseException]) -> memoryview:
         """The image file a ``part`` ImageRef names, its blob read from Redis once per message (a failure to
-        read it, once too: every item of a missing blob gets the same reason, a Redis outage the same error)."""
+        read it, once too: every item of a missing blob gets the same reason, a Redis outage the same error). A
+        message's parts must all point into one blob, which bounds what one message holds in memory to
+        ``MAX_ARRAY_BYTES``."""
         key, offset, length = part
         blob = blobs.get(key)
+        if blob is None and blobs:  # the SDK puts a message's files in one blob: one is all a message may hold
+            raise InvalidImage(f"bad image reference: the parts of a batch message point into one blob; this one "
+                               f"names a second, {key}", "bad_reference")
         if blob is None:
             try:
                 blob = read_blob(key, self.redis)

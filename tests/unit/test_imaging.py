@@ -611,3 +611,25 @@ def test_fast_png_path_agrees_with_pillow_on_mutated_files_with_valid_crcs():
         assert isinstance(slow, np.ndarray), slow  # the fast path never takes what Pillow refuses
         assert np.array_equal(_outcome(data, fast=True), slow)
     assert taken >= 100 and left >= 100  # both sides of the gate were exercised
+
+
+def test_a_redis_image_over_the_limit_is_refused_by_its_size_without_reading_it():
+    """A crafted reference to a huge value in the broker's Redis: its size is asked first (STRLEN), never its bytes."""
+    from workers import imaging
+
+    class Store:
+        gets = 0
+
+        def strlen(self, key):
+            return 512 * 2**20
+
+        def get(self, key):
+            Store.gets += 1
+            return b"x"
+
+    with pytest.raises(InvalidImage) as info:
+        resolve_image_ref({"redis_key": "umcd:img:huge"}, Store(), max_bytes=2**20)
+    assert info.value.code == "too_many_bytes" and Store.gets == 0
+    with pytest.raises(InvalidImage) as info:
+        imaging.read_blob("umcd:img:huge", Store())
+    assert info.value.code == "too_many_bytes" and Store.gets == 0
