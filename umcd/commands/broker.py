@@ -27,10 +27,22 @@ def _embedded() -> tuple[Any, Any]:
     from umcd.embedded import EmbeddedRedis
     from umcd.settings import get_settings
 
+    from umcd.embedded import EmbeddedBrokerError
+
     settings = get_settings()
-    server = EmbeddedRedis(settings.artifacts, die_with_parent=False)
+    try:
+        server = EmbeddedRedis(settings.artifacts, die_with_parent=False)
+    except EmbeddedBrokerError as exc:  # e.g. a socket path over the kernel's limit: no embedded broker there
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     server.attach()
     return settings, server
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError)
 
 
 def _status(server: Any) -> dict[str, Any]:
@@ -57,7 +69,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> 
     out: dict[str, Any] = {"socket": str(server.socket_path), "running": server.is_alive(), "pid": server.pid,
                            "configured_broker": redact_url(settings.broker_url) if settings.broker_url else None}
     if out["running"]:
-        out.update(_status(server))
+        try:
+            out.update(_status(server))
+        except redis_errors():  # it stopped between the two questions
+            out["running"] = False
     if as_json:
         typer.echo(json.dumps(out, indent=2))
     else:
@@ -84,7 +99,10 @@ def stop() -> None:
     if not server.is_alive():
         typer.echo(f"no embedded broker runs on {server.socket_path}")
         return
-    held = _status(server)
+    try:
+        held = _status(server)
+    except redis_errors():
+        held = {"queued": {}, "unacknowledged": 0, "clients": 0}
     pid = server.pid
     server.stop()
     waiting = sum(held["queued"].values()) + held["unacknowledged"]
