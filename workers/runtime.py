@@ -98,8 +98,9 @@ class BatchItem:
 
     request: ScreenRequest
     image: np.ndarray
-    data: bytes | memoryview  # the original bytes (stored for insertions, for re-encoding at the next publish); b"" for a
-    # query from a pixel array, a PNG of its pixels for an insertion from one
+    #: the original bytes (stored for insertions, for re-encoding at the next publish; a view into its message's
+    #: blob for a ``part``); b"" for a query from a pixel array, a PNG of its pixels for an insertion from one
+    data: bytes | memoryview
 
 
 def _shared_ref(ref: Any) -> tuple[str, str] | None:
