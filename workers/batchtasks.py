@@ -121,14 +121,14 @@ def release_image_key(runtime: Any, image: Any, request_id: Any) -> int:
 
 def release_arrays(runtime: Any, items: list[dict], message_id: str | None) -> int:
     """Delete the pixel array or file blob in Redis of message ``message_id`` once its ``items`` all have their
-    Results.
+    Results, and the items' own single-image keys (:func:`own_image_key`).
 
-    Items' own single-image keys (:func:`own_image_key`) go too. A pixel array (``array`` ImageRefs) or a blob
-    of image files (``part`` ImageRefs) belongs to the one message that references it: the SDK stores it under ``umcd:img:<message id>``, so once the message is
-    answered nobody reads it again (a redelivery answers from the audit store). Without this, each would sit
-    in Redis for its whole TTL (``image_ref_ttl_s``). Only that key is deleted: an item naming another key
-    (another message's array, a single image's key) deletes nothing. Returns how many keys were deleted; a
-    failure is logged and left to the TTL.
+    A pixel array (``array`` ImageRefs) or a blob of image files (``part`` ImageRefs) belongs to the one message
+    that references it: the SDK stores it under ``umcd:img:<message id>``, so once the message is answered nobody
+    reads it again (a redelivery answers from the audit store). Without this, each would sit in Redis for its whole
+    TTL (``image_ref_ttl_s``). Only those keys are deleted: an item naming another key (another message's array,
+    another request's image) deletes nothing. Returns how many keys were deleted; a failure is logged and left to
+    the TTL.
     """
     from workers.imaging import image_redis_key, message_blob_key
 

@@ -186,8 +186,8 @@ def _print_active_model(console, fleet, workers: list) -> None:
         return
     line = f"active model: [bold]{escape(version)}[/bold]"
     line += (f", calibration {calibration[0]} of detector {escape(detector)} (target FPR {calibration[1]:g})"
-             if calibration else f"; [yellow]no active calibration of detector {escape(detector)}[/yellow]: its workers "
-             "keep serving what they served")
+             if calibration else f"; [yellow]no active calibration of detector {escape(detector)}[/yellow]: its "
+             "workers keep serving what they served")
     console.print(line)
     behind = [w.name for w in workers if w.model != version]
     if behind:

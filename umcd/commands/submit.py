@@ -60,8 +60,8 @@ class _Batcher:
 
     Each file is checked on its own first, so that a missing, unreadable or too large file is listed as not
     sent and the others go on, as they do one message per file; a file that fails only while its group is
-    sent (it vanished in between) fails with the rest of that group, and what was queued before keeps its
-    request id."""
+    sent (it vanished in between) is set aside and the rest of the group is sent once more (:meth:`flush`);
+    what was queued before keeps its request id."""
 
     def __init__(self, client: Any, kind: str, size: int, progress: Any, task: Any, client_name: str | None,
                  source: str | None, label: int | None) -> None:
@@ -139,7 +139,8 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
     broker_down: BrokerUnavailable | None = None
     with Client() as client, _progress(err) as progress:
         task = progress.add_task(f"submitting to {'detect' if kind == 'query' else 'screen'}", total=len(files))
-        batcher = _Batcher(client, kind, batch_size, progress, task, client_name, source, label) if batch_size else None
+        batcher = (_Batcher(client, kind, batch_size, progress, task, client_name, source, label)
+                   if batch_size else None)
         for path in [*files, None]:  # None: the end, where the last batch goes
             is_array = path is not None and path.suffix.lower() == ARRAY_SUFFIX
             if batcher is not None and (path is None or is_array):  # the files gathered so far go first, in order
@@ -171,7 +172,7 @@ def _run(kind: str, paths: list[Path], *, wait: bool, timeout: float, as_json: b
                     rows += [{"path": f"{path}[{i}]", "request_id": rid, "error": None, "result": None}
                              for i, rid in enumerate(getattr(exc, "sent", []))]
                     rows.append({"path": str(path), "request_id": None, "error": None, "result": None})
-                if rows[-1]["error"] is None:  # this file's own failure (a batch that failed marked and counted its rows)
+                if rows[-1]["error"] is None:  # this file's own failure (a failed batch marked and counted its own)
                     rows[-1]["error"] = _why(exc)
                     progress.advance(task)
                 if isinstance(exc, BrokerUnavailable):  # the rest cannot be sent either
