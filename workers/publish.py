@@ -6,7 +6,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,42 @@ def versioned_checkpoint(artifacts: str | Path, source: str | Path) -> tuple[Pat
         tmp.replace(target)
     ckpt.path = target
     return target, ckpt
+
+
+def _uint8_digests(images: torch.Tensor) -> list[bytes]:
+    """One digest per image of ``(n, 3, S, S)`` floats in [0, 1], over its pixels as seeding stores them (uint8)."""
+    import hashlib
+
+    pixels = images.mul(255).round().clamp(0, 255).to(torch.uint8).contiguous().numpy()
+    return [hashlib.blake2b(p.tobytes(), digest_size=16).digest() for p in pixels]
+
+
+def queries_seeded_from_another_split(engine, splits, source: str, data_root: str | Path | None = None) -> np.ndarray:
+    """(len(splits.query),) bool: the benign queries of ``splits`` that the database holds as trusted seed images
+    seeded from another split of the same dataset (another split seed: one model's held-out queries can be another
+    split's database images). Such a query has an exact copy among its neighbours, which a new input does not, so
+    calibrating on it would set the thresholds as if every input had one. Seed images are named
+    ``<dataset>-<split seed>-<index in that split's database>.png`` (``seed_database``)."""
+    with session_scope(engine) as s:
+        paths = s.scalars(select(DbImage.image_path).where(DbImage.source == source,
+                                                           DbImage.status == "active")).all()
+    others: dict[int, list[int]] = {}
+    for path in paths:
+        name, _, rest = Path(path or "").stem.rpartition("-")
+        dataset, _, split_seed = name.rpartition("-")
+        if dataset == splits.name and split_seed.isdigit() and rest.isdigit() and int(split_seed) != splits.seed:
+            others.setdefault(int(split_seed), []).append(int(rest))
+    inside = np.zeros(len(splits.query), dtype=bool)
+    if not others:
+        return inside
+    seeded: set[bytes] = set()
+    for split_seed, idx in others.items():
+        database = load_dataset(splits.name, data_root, seed=split_seed).database
+        seeded.update(_uint8_digests(database.get(np.sort(np.asarray(idx)))))
+    for start in range(0, len(splits.query), 1024):
+        block = splits.query.get(np.arange(start, min(start + 1024, len(splits.query))))
+        inside[start : start + len(block)] = [d in seeded for d in _uint8_digests(block)]
+    return inside
 
 
 def seed_database(session, ckpt, splits, artifacts: str | Path, *, fraction: float, source: str,
@@ -233,6 +269,13 @@ def publish(
         _say(progress, f"feature reference of {len(reference)} trusted images for {detector}: {ref_path}")
     det = make_detector(detector, ckpt.model, replica.index, reference=reference, transform=settings.transform,
                         top_k=top_k)
+    in_index = queries_seeded_from_another_split(engine, splits, seed_source, data_root or settings.data_root)
+    if in_index.any():  # calibrate on queries that are new to the index, as the inputs it will judge are
+        _say(progress, f"{int(in_index.sum())} of the {len(in_index)} benign queries of split seed {splits.seed} are "
+                       f"trusted images the database was seeded with from another split: calibrating on the other "
+                       f"{int((~in_index).sum())}")
+        extra_meta = {**extra_meta, "queries_in_index_left_out": int(in_index.sum())}
+        splits = replace(splits, query=splits.query.subset(np.flatnonzero(~in_index)))
     report = calibrate_detector(det, splits, target_fpr=target_fpr, seed=seed,
                                 checkpoint_sha256=ckpt.sha256, model_version=version, **extra_meta)
     cal = report.calibration
