@@ -105,23 +105,10 @@ def own_image_key(image: Any, request_id: Any) -> str | None:
     return None
 
 
-def release_image_key(runtime: Any, image: Any, request_id: Any) -> int:
-    """Delete a single-image message's own Redis image once its Result is stored; 0 when there is none, or when
-    Redis is away (the key then expires with its TTL)."""
-    key = own_image_key(image, request_id)
-    client = runtime.redis if key is not None else None
-    if client is None:
-        return 0
-    try:
-        return int(client.unlink(key))
-    except Exception as exc:  # noqa: BLE001
-        log.warning("could not delete image %s (%s: %s); it expires with its TTL", key, type(exc).__name__, exc)
-        return 0
-
-
-def release_arrays(runtime: Any, items: list[dict], message_id: str | None) -> int:
+def release_message_images(runtime: Any, items: list[dict], message_id: str | None) -> int:
     """Delete the pixel array or file blob in Redis of message ``message_id`` once its ``items`` all have their
-    Results, and the items' own single-image keys (:func:`own_image_key`).
+    Results, and the items' own single-image keys (:func:`own_image_key`; also for a single-image message, as
+    one item with no message id).
 
     A pixel array (``array`` ImageRefs) or a blob of image files (``part`` ImageRefs) belongs to the one message
     that references it: the SDK stores it under ``umcd:img:<message id>``, so once the message is answered nobody
@@ -147,8 +134,8 @@ def release_arrays(runtime: Any, items: list[dict], message_id: str | None) -> i
     try:
         return int(client.unlink(*sorted(keys)))
     except Exception as exc:  # noqa: BLE001 - Redis went away: the keys expire on their own
-        log.warning("could not delete %d pixel arrays or file blobs (%s: %s); they expire with their TTL", len(keys),
-                    type(exc).__name__, exc)
+        log.warning("could not delete %d images, pixel arrays or file blobs (%s: %s); they expire with their TTL",
+                    len(keys), type(exc).__name__, exc)
         return 0
 
 
@@ -199,7 +186,7 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
             answered = set()
         failed = [(it["request_id"], error) for it in good if it["request_id"] not in answered]
         store_item_results(task.backend, failed)
-        release_arrays(runtime, good, task.request.id)
+        release_message_images(runtime, good, task.request.id)
         return {"items": len(items), "stored": len(failed), "verdicts": {}, "failed": len(failed), "retrying": 0,
                 "rejected": rejected}
 
@@ -238,7 +225,7 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
     finally:
         metrics.add_cpu("answer", time.thread_time() - cpu)
     if not again:
-        release_arrays(runtime, good, task.request.id)
+        release_message_images(runtime, good, task.request.id)
     summary = {
         "items": len(items), "stored": len(done),
         "verdicts": dict(Counter(o["verdict"] for _, o in done if isinstance(o, dict))),

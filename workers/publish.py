@@ -82,12 +82,16 @@ def versioned_checkpoint(artifacts: str | Path, source: str | Path) -> tuple[Pat
     return target, ckpt
 
 
+def _uint8_pixels(images: torch.Tensor) -> np.ndarray:
+    """``(n, 3, S, S)`` floats in [0, 1] -> ``(n, S, S, 3)`` uint8: the pixels a seed image is stored with."""
+    return images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def _uint8_digests(images: torch.Tensor) -> list[bytes]:
-    """One digest per image of ``(n, 3, S, S)`` floats in [0, 1], over its pixels as seeding stores them (uint8)."""
+    """One digest per image of ``(n, 3, S, S)`` floats in [0, 1], over its pixels as seeding stores them."""
     import hashlib
 
-    pixels = images.mul(255).round().clamp(0, 255).to(torch.uint8).contiguous().numpy()
-    return [hashlib.blake2b(p.tobytes(), digest_size=16).digest() for p in pixels]
+    return [hashlib.blake2b(np.ascontiguousarray(p).tobytes(), digest_size=16).digest() for p in _uint8_pixels(images)]
 
 
 def queries_seeded_from_another_split(engine, splits, source: str, data_root: str | Path | None = None) -> np.ndarray:
@@ -141,7 +145,7 @@ def seed_database(session, ckpt, splits, artifacts: str | Path, *, fraction: flo
     folder = (images_dir(artifacts) / "seed").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    pixels = images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = _uint8_pixels(images)
     for j, i in enumerate(idx):
         path = folder / f"{splits.name}-{splits.seed}-{int(i)}.png"
         if not path.exists():

@@ -90,9 +90,10 @@ def _screen(task, kind: str, request_id: str, image: Any, client: str | None, su
         outages, max_retries, kwargs = retry_plan(task.request, no_model=False)
         log.warning("request %s: %s: %s; retrying (%d so far)", request_id, type(exc).__name__, exc, outages)
         raise task.retry(exc=exc, kwargs=kwargs, countdown=backoff_s(outages), max_retries=max_retries) from None
-    from workers.batchtasks import release_image_key
+    from workers.batchtasks import release_message_images
 
-    release_image_key(runtime, image, request_id)  # answered and stored: nobody reads its own image again
+    # answered and stored: nobody reads its own image again (a single message's id is its request id)
+    release_message_images(runtime, [{"request_id": request_id, "image": image}], None)
     return result
 
 

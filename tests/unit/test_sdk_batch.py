@@ -429,7 +429,7 @@ def test_umcd_submit_in_batches_lists_what_it_queued_before_the_broker_went_away
 def test_a_finished_message_deletes_only_its_own_pixel_array(broker):
     from types import SimpleNamespace
 
-    from workers.batchtasks import release_arrays
+    from workers.batchtasks import release_message_images
 
     _client, raw = broker
     for key in ("umcd:img:m1", "umcd:img:m2", "celery-task-meta-m1", "umcd:img:other"):
@@ -442,14 +442,15 @@ def test_a_finished_message_deletes_only_its_own_pixel_array(broker):
              {"request_id": "f", "image": {"array": {"redis_key": "umcd:img:m2"}}},  # malformed: no index
              {"request_id": "g", "image": {"array": {"redis_key": "umcd:img:m2", "index": 0}}},  # another's
              {"request_id": "h", "image": {"part": {"redis_key": "umcd:img:m2", "offset": 0, "length": 1}}}]
-    assert release_arrays(SimpleNamespace(redis=raw), items, "m1") == 1  # the SDK keys a message's array by its id
+    # the SDK keys a message's array by its id
+    assert release_message_images(SimpleNamespace(redis=raw), items, "m1") == 1
     assert sorted(k.decode() for k in raw.scan_iter("*")) == ["celery-task-meta-m1", "umcd:img:m2", "umcd:img:other"]
-    assert release_arrays(SimpleNamespace(redis=raw), items, None) == 0
+    assert release_message_images(SimpleNamespace(redis=raw), items, None) == 0
     # a blob of files (part references) is the message's own the same way
     parts = [{"request_id": "p", "image": {"part": {"redis_key": "umcd:img:m2", "offset": 0, "length": 1}}},
              {"request_id": "q", "image": {"part": {"redis_key": "umcd:img:other", "offset": -1, "length": 1}}}]
-    assert release_arrays(SimpleNamespace(redis=raw), parts, "other") == 0  # malformed: deletes nothing
-    assert release_arrays(SimpleNamespace(redis=raw), parts, "m2") == 1
+    assert release_message_images(SimpleNamespace(redis=raw), parts, "other") == 0  # malformed: deletes nothing
+    assert release_message_images(SimpleNamespace(redis=raw), parts, "m2") == 1
     assert sorted(k.decode() for k in raw.scan_iter("*")) == ["celery-task-meta-m1", "umcd:img:other"]
 
 
