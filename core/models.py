@@ -21,6 +21,10 @@ class CSQModel(nn.Module):
         self.bits = bits
         self.backbone = create_backbone(backbone, weights_path)
         self.hash_layer = nn.Linear(self.backbone.out_features, bits)
+        # Convolution weights channels-last: oneDNN's convolutions then run NHWC, which on the development
+        # CPU halves the small CNN's time per image from 2 images a pass up (and changes no code: outputs
+        # agree to ~4e-7). Loading a state dict copies into these tensors and keeps their layout.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.hash_layer(self.backbone(x)))
