@@ -18,9 +18,10 @@ def c1_mean_hamming(distances: np.ndarray, bits: int) -> np.ndarray:
     distances (n, k) int; entries > bits mark missing neighbours (a database smaller than k) and are
     ignored; a row with no neighbour at all gets C1 = bits/2 (the distance of an unrelated code).
     """
-    d = np.asarray(distances, dtype=np.float64)
+    d = np.asarray(distances)
     if d.size and d.max() <= bits:  # every neighbour present (the usual case): a plain mean
-        return d.mean(1)
+        return d.sum(1, dtype=np.float64) / d.shape[1]  # what d.mean(1) computes, without its Python layers
+    d = d.astype(np.float64)
     valid = d <= bits
     cnt = valid.sum(1)
     s = np.where(valid, d, 0).sum(1)

@@ -27,7 +27,8 @@ class ScoreContext:
     """What a criterion may look at for a batch of n images.
 
     images (n, 3, H, W) in [0, 1]; f (n, K) continuous outputs; f_t: one (n, K) per transform;
-    codes (n, K) ±1; ids/distances (n, k) top-k neighbours (-1 / K+1 where missing).
+    codes (n, K) ±1; ids/distances (n, k) top-k neighbours (-1 / K+1 where missing). `host(name)` gives
+    f, codes or f_t[j] ("f_t0", "f_t1", ...) as NumPy arrays, converted once per batch.
     """
 
     images: torch.Tensor
@@ -39,6 +40,15 @@ class ScoreContext:
     bits: int
     model: torch.nn.Module
     index: HammingIndex
+    _host: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def host(self, name: str) -> np.ndarray:
+        """"f", "codes" or "f_t<j>" as a host array: a view of a CPU tensor, converted once per batch (the
+        criteria read the same outputs, and at batch size 1 each torch op costs more than the arithmetic)."""
+        a = self._host.get(name)
+        if a is None:
+            a = self._host[name] = _host(self.f_t[int(name[3:])] if name.startswith("f_t") else getattr(self, name))
+        return a
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,11 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def host_sign(f: np.ndarray) -> np.ndarray:
+    """`sign_codes` of a host array: ±1 in f's dtype, sign(0) = +1."""
+    return np.where(f >= 0, f.dtype.type(1), f.dtype.type(-1))
+
+
 @register_criterion("c1", "high")
 def _c1(ctx: ScoreContext) -> np.ndarray:
     return c1_mean_hamming(ctx.distances, ctx.bits)
@@ -71,12 +86,12 @@ def _c1(ctx: ScoreContext) -> np.ndarray:
 
 @register_criterion("c2", "low")
 def _c2(ctx: ScoreContext) -> np.ndarray:
-    return c2_quantization(_host(ctx.f), _host(ctx.codes)).astype(np.float64)  # on the host: fewer µs at batch 1
+    return c2_quantization(ctx.host("f"), ctx.host("codes")).astype(np.float64)
 
 
 @register_criterion("c3", "high")
 def _c3(ctx: ScoreContext) -> np.ndarray:
-    return c3_disagreement(_host(ctx.f), _host(ctx.f_t[0])).astype(np.float64)
+    return c3_disagreement(ctx.host("f"), ctx.host("f_t0")).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -224,10 +239,9 @@ class Detector:
     @torch.no_grad()
     def retrieve(self, images: torch.Tensor, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Plain retrieval (no detection): (codes (n, K), ids (n, k), distances (n, k))."""
-        f = self.model(images.to(self.device, torch.float32))
-        codes = sign_codes(f).cpu()
+        codes = host_sign(_host(self.model(images.to(self.device, torch.float32))))
         ids, d = self.index.search(codes, k or self.top_k)
-        return codes.numpy().astype(np.int8), ids, d
+        return codes.astype(np.int8), ids, d
 
     def context(self, images: torch.Tensor) -> tuple[ScoreContext, dict[str, float]]:
         t0 = time.perf_counter()
@@ -235,10 +249,13 @@ class Detector:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        codes = sign_codes(f)
-        ids, dists = self.index.search(codes.cpu(), self.top_k)
+        f_host = _host(f)
+        codes_host = host_sign(f_host)  # on the host for the search either way; no torch op at batch size 1
+        ids, dists = self.index.search(codes_host, self.top_k)
         t2 = time.perf_counter()
-        ctx = ScoreContext(images, f, f_t, codes, ids, dists, self.bits, self.model, self.index)
+        codes = sign_codes(f) if f.device.type != "cpu" else torch.from_numpy(codes_host)
+        ctx = ScoreContext(images, f, f_t, codes, ids, dists, self.bits, self.model, self.index,
+                           {"f": f_host, "codes": codes_host})
         return ctx, {"model": t1 - t0, "search": t2 - t1}
 
     def raw_scores(self, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -260,14 +277,15 @@ class Detector:
             raise ValueError(f"calibration needs criteria {missing} that detector {self.spec.name!r} does not compute")
         sub = {n: scores[n] for n in cal.names}
         timings["criteria"] = time.perf_counter() - t2
+        combined, fired = cal.decide(sub)
         return DetectionBatch(
-            codes=_host(ctx.codes).astype(np.int8),
-            f=_host(ctx.f).astype(np.float32),
+            codes=ctx.host("codes").astype(np.int8),
+            f=ctx.host("f").astype(np.float32),
             ids=ctx.ids,
             distances=ctx.distances,
             scores=scores,
-            combined=cal.combined_score(sub),
-            fired=cal.fired(sub),
+            combined=combined,
+            fired=fired,
             names=list(cal.names),
             thresholds=dict(cal.thresholds),
             timings=timings,

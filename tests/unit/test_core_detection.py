@@ -160,6 +160,50 @@ def test_mean_blur_matrices_cached_under_inference_mode_still_serve_gradients():
         mean_blur((x * 255).to(torch.uint8))  # 1/3 in an integer matrix would be 0: refused, not all zeros
 
 
+def test_models_run_channels_last_and_give_the_plain_layouts_outputs(tmp_path):
+    """A model's convolution weights are channels-last (faster on CPUs), also once saved and loaded; its
+    outputs are the contiguous-layout model's to float rounding, with the same signs (the same codes)."""
+    import copy
+
+    from core.checkpoint import load_checkpoint, save_untrained_checkpoint
+
+    path = save_untrained_checkpoint(tmp_path / "m.safetensors", bits=64)
+    model = load_checkpoint(path).model
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n in (1, 2, 64):
+            a, b = model(x[:n]), plain(x[:n])
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            far = b.abs() > 1e-4  # signs can only differ where rounding could cross zero
+            assert far.float().mean() > 0.99 and torch.equal((a >= 0)[far], (b >= 0)[far])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mean_blur_without_gradients_gives_the_differentiable_paths_values(dtype):
+    """Without a gradient the blur's products run in NumPy (the detector's path); they give what the torch
+    products give (an attack's path), on strided, channels-last and inference-mode inputs too."""
+    from core.transforms import mean_blur
+
+    x = torch.from_numpy(np.random.default_rng(7).random((4, 3, 16, 20))).to(dtype)
+    atol = 1e-6 if dtype == torch.float32 else 1e-12
+    for inp in (x, x[:, :, 2:14, 3:17], x.contiguous(memory_format=torch.channels_last)):
+        leaf = inp.detach().clone().requires_grad_()
+        with_grad = mean_blur(leaf)
+        assert with_grad.requires_grad  # the torch products ran
+        with torch.no_grad():
+            fast = mean_blur(inp)
+        assert not fast.requires_grad and fast.dtype == dtype and fast.shape == inp.shape
+        torch.testing.assert_close(fast, with_grad.detach(), rtol=0, atol=atol)
+        with torch.inference_mode():
+            torch.testing.assert_close(mean_blur(inp), with_grad.detach(), rtol=0, atol=atol)
+        fast += 1  # an array of its own: writable, and the input is untouched
+        assert torch.equal(inp, x if inp.shape == x.shape else x[:, :, 2:14, 3:17])
+
+
 @pytest.mark.parametrize("size", [2, 3, 4, 5])
 def test_median_filter_equals_scipys_and_the_2x2_one_is_feature_squeezings(size):
     """Feature squeezing's reference filters with scipy.ndimage.median_filter(size=2, mode='reflect'): its window
@@ -241,6 +285,41 @@ def test_a_calibration_saved_before_per_criterion_ranks_still_loads_with_the_sha
     legacy = Calibration.from_json(json.dumps(old))
     assert np.array_equal(legacy.criterion_ranks(), [cal.rank, cal.rank])
     assert np.array_equal(legacy.combined_score(scores) > legacy.combined_threshold, legacy.reject(scores))
+
+
+def test_the_per_batch_decision_counts_and_fires_as_the_definition_says_on_every_path():
+    """`decide` (a few values by bisection, larger batches vectorised) against the definitions computed
+    directly: count = benign values at least as suspicious, p = (count + 1) / (n + 1), fired beyond the
+    threshold; on both directions, heavy ties, values equal to benign ones, and a NaN."""
+    rng = np.random.default_rng(3)
+    checked = {"small": 0, "vectorised": 0}
+    for trial in range(120):
+        n = int(rng.integers(40, 200))
+        benign = {"a": rng.integers(0, 4, n).astype(float), "b": rng.normal(size=n), "c": rng.integers(0, 3, n) * 0.5}
+        directions = {"a": "high", "b": "low", "c": "high"}
+        cal = Calibration.fit(benign, directions, 0.1)
+        for m in (1, 2, cal.SMALL_BATCH, cal.SMALL_BATCH + 1, 17):
+            scores = {"a": rng.integers(-1, 6, m).astype(float),
+                      "b": np.where(rng.random(m) < 0.5, rng.choice(benign["b"], m), rng.normal(size=m)),
+                      "c": rng.integers(0, 4, m) * 0.5}
+            if trial % 10 == 0:
+                scores["b"][-1] = np.nan  # a NaN goes the vectorised way, whatever the size
+            combined, fired = cal.decide(scores)
+            counts = np.stack([(benign[k][None, :] >= scores[k][:, None]).sum(1) if directions[k] == "high"
+                               else (benign[k][None, :] <= scores[k][:, None]).sum(1) for k in cal.names], 1)
+            if trial % 10 == 0:
+                counts[-1, 1] = n  # np.searchsorted orders NaN last: a "low" NaN counts every benign value
+            scale = (cal.rank + 1.0) / (cal.criterion_ranks() + 1.0) / (n + 1.0)
+            np.testing.assert_array_equal(combined, -np.log10(((counts + 1.0) * scale).min(1)))
+            expected_fired = np.stack([scores[k] > cal.thresholds[k] if directions[k] == "high"
+                                       else scores[k] < cal.thresholds[k] for k in cal.names], 1)
+            np.testing.assert_array_equal(fired, expected_fired)
+            np.testing.assert_array_equal(combined, cal.combined_score(scores))
+            np.testing.assert_array_equal(fired, cal.fired(scores))
+            small = m <= cal.SMALL_BATCH and not np.isnan(scores["b"]).any()
+            assert (cal._decide_small(scores) is not None) == small
+            checked["small" if small else "vectorised"] += 1
+    assert min(checked.values()) >= 100
 
 
 def test_calibration_saved_and_reloaded_gives_the_same_verdicts(tmp_path):
