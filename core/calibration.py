@@ -113,21 +113,24 @@ class Calibration:
                    {k: int(r) for k, r in zip(names, ranks)}, expected_fpr)
 
     # ---------------------------------------------------------------- applying
-    def _prepared(self) -> tuple[list, np.ndarray]:
-        """Per criterion (name, suspicious side is high, sorted benign values), and the combined score's scale
-        q / q_i / (n + 1): converted once, since they are on the query path."""
+    def _prepared(self) -> tuple[list, np.ndarray, list | None]:
+        """Per criterion (name, suspicious side is high, sorted benign values as an array), the combined score's
+        scale q / q_i / (n + 1), and the same benign values as Python floats for `_decide_small` (None when
+        one is NaN, where bisection and ``np.searchsorted`` disagree): converted once, on first use, since
+        they are on the query path; both paths read these same values."""
         cache = self.__dict__.setdefault("_arrays", {})
         if "_prepared" not in cache:
             rows = [(k, d == "high", np.asarray(self.benign[k], dtype=np.float64))
                     for k, d in zip(self.names, self.directions)]
             scale = (self.rank + 1.0) / (self.criterion_ranks() + 1.0) / (self.n_samples + 1.0)
-            cache["_prepared"] = (rows, scale)
+            lists = None if any(np.isnan(ref).any() for _, _, ref in rows) else [ref.tolist() for _, _, ref in rows]
+            cache["_prepared"] = (rows, scale, lists)
         return cache["_prepared"]
 
     def _counts_fired(self, scores: dict[str, np.ndarray], counts: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """((n, m) benign values at least as suspicious as each value, or None if not asked; (n, m) bool fired),
         in one pass over the criteria."""
-        rows, _ = self._prepared()
+        rows = self._prepared()[0]
         cnt, fired = [], []
         thresholds = self.thresholds
         for k, high, ref in rows:
@@ -159,19 +162,25 @@ class Calibration:
         return self._combined_from_counts(counts), fired
 
     def _decide_small(self, scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
-        """`decide` for a few values, by bisecting the sorted benign lists: None for a larger batch or a NaN
-        value (where `bisect` and `np.searchsorted` order NaN differently)."""
-        rows, scale = self._prepared()
-        values = [np.asarray(scores[k], dtype=np.float64).tolist() for k, _, _ in rows]
-        n = len(values[0]) if values else 0
-        if not 0 < n <= self.SMALL_BATCH or any(v != v for col in values for v in col):
+        """`decide` for a few values, by bisecting the sorted benign values: None (the vectorised path) for a
+        larger batch, columns of unequal lengths, or a NaN among the values or the benign ones (bisection
+        and ``np.searchsorted`` order NaN differently)."""
+        rows, scale, lists = self._prepared()
+        if lists is None:
             return None
-        thresholds, benign, scale = self.thresholds, self.benign, scale.tolist()
+        arrays = [np.asarray(scores[k], dtype=np.float64) for k, _, _ in rows]
+        n = len(arrays[0]) if arrays and arrays[0].ndim == 1 else 0
+        if not 0 < n <= self.SMALL_BATCH or any(a.shape != (n,) for a in arrays):
+            return None
+        values = [a.tolist() for a in arrays]
+        if any(v != v for col in values for v in col):
+            return None
+        thresholds, scale = self.thresholds, scale.tolist()
         fired, best = [], []
         for j in range(n):
             row, low = [], math.inf
-            for (k, high, _), col, s in zip(rows, values, scale):
-                v, ref = col[j], benign[k]
+            for (k, high, _), ref, col, s in zip(rows, lists, values, scale):
+                v = col[j]
                 count = len(ref) - bisect.bisect_left(ref, v) if high else bisect.bisect_right(ref, v)
                 row.append(v > thresholds[k] if high else v < thresholds[k])
                 low = min(low, (count + 1.0) * s)
@@ -195,7 +204,7 @@ class Calibration:
         return self._combined_from_counts(self._counts(scores))
 
     def _combined_from_counts(self, counts: np.ndarray) -> np.ndarray:
-        _, scale = self._prepared()  # q / q_i = (m + 1) / (m_i + 1) per criterion, times 1 / (n + 1)
+        scale = self._prepared()[1]  # q / q_i = (m + 1) / (m_i + 1) per criterion, times 1 / (n + 1)
         return -np.log10(((counts + 1.0) * scale[None, :]).min(1))
 
     def reject(self, scores: dict[str, np.ndarray]) -> np.ndarray:

@@ -40,15 +40,17 @@ class ScoreContext:
     bits: int
     model: torch.nn.Module
     index: HammingIndex
-    _host: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: name -> (the tensor, its host array): converted once per batch, and again if the field is replaced
+    _host: dict[str, tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def host(self, name: str) -> np.ndarray:
         """"f", "codes" or "f_t<j>" as a host array: a view of a CPU tensor, converted once per batch (the
         criteria read the same outputs, and at batch size 1 each torch op costs more than the arithmetic)."""
-        a = self._host.get(name)
-        if a is None:
-            a = self._host[name] = _host(self.f_t[int(name[3:])] if name.startswith("f_t") else getattr(self, name))
-        return a
+        t = self.f_t[int(name[3:])] if name.startswith("f_t") else getattr(self, name)
+        cached = self._host.get(name)
+        if cached is None or cached[0] is not t:
+            cached = self._host[name] = (t, _host(t))
+        return cached[1]
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,7 @@ class Detector:
         t2 = time.perf_counter()
         codes = sign_codes(f) if f.device.type != "cpu" else torch.from_numpy(codes_host)
         ctx = ScoreContext(images, f, f_t, codes, ids, dists, self.bits, self.model, self.index,
-                           {"f": f_host, "codes": codes_host})
+                           {"f": (f, f_host), "codes": (codes, codes_host)})
         return ctx, {"model": t1 - t0, "search": t2 - t1}
 
     def raw_scores(self, images: torch.Tensor) -> dict[str, np.ndarray]:

@@ -182,28 +182,6 @@ def test_models_run_channels_last_and_give_the_plain_layouts_outputs(tmp_path):
             assert far.float().mean() > 0.99 and torch.equal((a >= 0)[far], (b >= 0)[far])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_mean_blur_without_gradients_gives_the_differentiable_paths_values(dtype):
-    """Without a gradient the blur's products run in NumPy (the detector's path); they give what the torch
-    products give (an attack's path), on strided, channels-last and inference-mode inputs too."""
-    from core.transforms import mean_blur
-
-    x = torch.from_numpy(np.random.default_rng(7).random((4, 3, 16, 20))).to(dtype)
-    atol = 1e-6 if dtype == torch.float32 else 1e-12
-    for inp in (x, x[:, :, 2:14, 3:17], x.contiguous(memory_format=torch.channels_last)):
-        leaf = inp.detach().clone().requires_grad_()
-        with_grad = mean_blur(leaf)
-        assert with_grad.requires_grad  # the torch products ran
-        with torch.no_grad():
-            fast = mean_blur(inp)
-        assert not fast.requires_grad and fast.dtype == dtype and fast.shape == inp.shape
-        torch.testing.assert_close(fast, with_grad.detach(), rtol=0, atol=atol)
-        with torch.inference_mode():
-            torch.testing.assert_close(mean_blur(inp), with_grad.detach(), rtol=0, atol=atol)
-        fast += 1  # an array of its own: writable, and the input is untouched
-        assert torch.equal(inp, x if inp.shape == x.shape else x[:, :, 2:14, 3:17])
-
-
 @pytest.mark.parametrize("size", [2, 3, 4, 5])
 def test_median_filter_equals_scipys_and_the_2x2_one_is_feature_squeezings(size):
     """Feature squeezing's reference filters with scipy.ndimage.median_filter(size=2, mode='reflect'): its window
@@ -320,6 +298,57 @@ def test_the_per_batch_decision_counts_and_fires_as_the_definition_says_on_every
             assert (cal._decide_small(scores) is not None) == small
             checked["small" if small else "vectorised"] += 1
     assert min(checked.values()) >= 100
+
+
+def test_the_decision_is_the_same_for_one_value_and_for_many_whatever_the_calibration_holds():
+    """Both paths read the same benign values: a NaN among them (stored last), float32 arrays or integers
+    in a hand-built calibration, and lists changed after first use give one answer per value whatever
+    the batch size; columns of unequal lengths are refused on both."""
+    rng = np.random.default_rng(5)
+    benign = {"a": rng.normal(size=60), "b": rng.normal(size=60)}
+    cal = Calibration.fit(benign, {"a": "high", "b": "low"}, 0.1)
+    data = json.loads(cal.to_json())
+    data["benign"]["b"][-5:] = [float("nan")] * 5  # NaN sorts last, as np.sort leaves it
+    variants = {"nan": Calibration(**data)}
+    f32 = json.loads(cal.to_json())
+    f32["benign"] = {k: np.asarray(v, dtype=np.float32) for k, v in f32["benign"].items()}
+    variants["float32"] = Calibration(**f32)
+    ints = json.loads(cal.to_json())
+    ints["benign"] = {k: sorted(int(round(10 * x)) for x in v) for k, v in ints["benign"].items()}
+    variants["ints"] = Calibration(**ints)
+    variants["changed"] = Calibration(**json.loads(cal.to_json()))
+    variants["changed"].decide({"a": np.zeros(1), "b": np.zeros(1)})
+    variants["changed"].benign["b"] = sorted(x + 1.0 for x in variants["changed"].benign["b"])
+    # beyond the benign values too, both sides (a row unsuspicious on both criteria takes its score from
+    # the top of the lists, where the NaNs are)
+    queries = {"a": np.r_[rng.normal(size=7), -5.0, 5.0], "b": np.r_[rng.normal(size=7), 5.0, -5.0]}
+    for name, c in variants.items():
+        whole = c.decide(queries)
+        for j in range(9):
+            one = c.decide({k: v[j : j + 1] for k, v in queries.items()})
+            np.testing.assert_array_equal(one[0], whole[0][j : j + 1], err_msg=name)
+            np.testing.assert_array_equal(one[1], whole[1][j : j + 1], err_msg=name)
+    for c in (cal, variants["nan"]):
+        with pytest.raises(ValueError):
+            c.decide({"a": np.zeros(1), "b": np.zeros(2)})
+
+
+def test_a_criterion_reads_the_outputs_its_context_holds_now():
+    """ScoreContext.host converts a field once, and again when the field is replaced."""
+    import dataclasses
+
+    from core.detector import ScoreContext
+
+    f = torch.tensor([[0.5, -0.25]])
+    ctx = ScoreContext(torch.zeros(1, 3, 4, 4), f, [f * 2], torch.sign(f), np.zeros((1, 1), np.int64),
+                       np.zeros((1, 1), np.int32), 2, None, None)
+    assert ctx.host("f").tolist() == [[0.5, -0.25]] and ctx.host("f_t0").tolist() == [[1.0, -0.5]]
+    assert ctx.host("f") is ctx.host("f")  # converted once
+    halved = dataclasses.replace(ctx, f=f / 2)
+    assert halved.host("f").tolist() == [[0.25, -0.125]]
+    ctx.f = f * 4
+    assert ctx.host("f").tolist() == [[2.0, -1.0]]
+    assert ctx.host("codes").tolist() == [[1.0, -1.0]]
 
 
 def test_calibration_saved_and_reloaded_gives_the_same_verdicts(tmp_path):
