@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import jsontext
 from umcd.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def create_engine_for(url: str | URL, **kwargs) -> Engine:
     restarted server costs one reconnect, not an error.
     """
     parsed = normalize_url(url)
+    kwargs.setdefault("json_serializer", jsontext.dumps)  # what json.dumps writes, at a third of its cost
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):

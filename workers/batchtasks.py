@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -11,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 from db.contract import valid_request_id
+from db.jsontext import dumps_plain
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ end
 return #KEYS
 """
 _store_scripts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # redis client -> its Script
-#: a Result's meta in the result backend, as Celery's json serializer writes it (NaN refused: see below)
-_META_JSON = json.JSONEncoder(allow_nan=False)
 
 
 def _store_script(client: Any) -> Any:
@@ -73,14 +71,11 @@ def store_item_results(backend: Any, entries: list[tuple[str, dict | BaseExcepti
         state = states.FAILURE if isinstance(outcome, BaseException) else states.SUCCESS
         value = None
         if plain_json and state == states.SUCCESS:
-            # the meta _get_result_meta builds for a request-less SUCCESS, encoded once with the standard
-            # library (a Result is plain JSON); anything else (NaN scores too) takes Celery's own path
+            # the meta _get_result_meta builds for a request-less SUCCESS, encoded once by orjson (a Result is
+            # plain JSON); anything else (NaN scores too) takes Celery's own path
             meta = {"status": state, "result": outcome, "traceback": None, "children": [],
                     "date_done": date_done, "task_id": rid}
-            try:
-                value = _META_JSON.encode(meta)
-            except (TypeError, ValueError):
-                value = None
+            value = dumps_plain(meta)
         if value is None:
             meta = backend._get_result_meta(result=backend.encode_result(outcome, state), state=state,
                                             traceback=None, request=None)

@@ -122,7 +122,7 @@ def test_sqlite_rows_hold_the_same_bytes_as_sqlalchemys_own_insert_also_across_s
                 orm = raw.execute(f"SELECT {cols} FROM {table.name} WHERE request_id = ?", (f"orm-{n}",)).fetchone()
                 assert fast == orm and fast is not None, (table.name, n)
         stored = dict(raw.execute("SELECT request_id, thresholds FROM verdicts WHERE request_id IN ('fast-1', 'fast-2')"))
-        assert stored == {"fast-1": "null", "fast-2": '{"c1": 1.0}'}  # None is JSON null, as SQLAlchemy stores it
+        assert stored == {"fast-1": "null", "fast-2": '{"c1":1.0}'}  # None is JSON null, as SQLAlchemy stores it (orjson: compact)
         assert raw.execute("SELECT count(*) FROM verdicts").fetchone() == (12,)
     finally:
         raw.close()
