@@ -61,7 +61,12 @@ result = {"pinned": sorted(pin_process(sys.argv[1]))}
 late_cpus = {}
 late = threading.Thread(target=lambda: late_cpus.update(cpus=sorted(os.sched_getaffinity(0))))
 late.start(); late.join()
-result["threads"] = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+def affinity(tid):
+    try:
+        return sorted(os.sched_getaffinity(int(tid)))
+    except ProcessLookupError:  # a thread that ended after the listing: it runs nowhere now
+        return None
+result["threads"] = {tid: cpus for tid in os.listdir("/proc/self/task") if (cpus := affinity(tid)) is not None}
 result["early"] = sorted(os.sched_getaffinity(early.native_id))
 result["late"] = late_cpus["cpus"]
 result["torch_threads"] = torch.get_num_threads()
