@@ -38,3 +38,24 @@ def test_sub_benchmark_options_still_work_on_their_own(recorded, tmp_path):
     assert result.exit_code == 0, result.output
     assert recorded[0]["folder"] == tmp_path / "own" and recorded[0]["device"] == "cpu"
     assert recorded[0]["sizes"] == (10_000, 100_000, 1_000_000, 10_000_000)
+
+
+def test_the_fleet_benchmarks_listener_reads_a_ready_state_without_parsing_either_writers_text(monkeypatch):
+    """Result metas come spelled by Celery (`"status": "SUCCESS"`) or by workers.batchtasks' orjson
+    (`"status":"SUCCESS"`): both are told ready or not from their bytes, without a json.loads per Result
+    (the listener shares the cores it measures); only an unusual spelling is parsed."""
+    import json
+
+    import umcd.bench.fleet as fleet
+    from db.jsontext import dumps_plain
+
+    parsed = []
+    real_loads = json.loads
+    monkeypatch.setattr(fleet.json, "loads", lambda *a, **k: parsed.append(1) or real_loads(*a, **k))
+    ready = fleet.ResultListener._ready
+    for status, expected in (("SUCCESS", True), ("FAILURE", True), ("STARTED", False), ("RETRY", False)):
+        meta = {"status": status, "result": {"verdict": "benign", "scores": {"c1": 1.5}}, "task_id": "r-1"}
+        assert ready(dumps_plain(meta)) is expected, status
+        assert ready(json.dumps(meta).encode()) is expected, status
+    assert parsed == []
+    assert ready(b'{"status" :  "SUCCESS"}') is True and parsed == [1]  # another spelling: parsed, still right
