@@ -3,9 +3,11 @@
 The audit store's JSON columns and the result backend's Result meta are on every request's path. orjson
 writes compact text that reads back (``json.loads``) to the same values, but some values it writes
 differently from the standard library (NaN and infinities as ``null``) or refuses (integers beyond 64
-bits, keys that are not strings, float subclasses such as NumPy's). So its text is used only when it
-reads back equal to the value (orjson's own parser checks that at C speed); anything else is encoded the
-way it always was.
+bits, keys that are not strings, float subclasses such as NumPy's), and it writes non-ASCII characters
+as they are where the standard library escapes them (``\u00fc``; a PostgreSQL ``json`` column keeps the
+text as given, and a server encoding other than UTF-8 could not hold them). So its text is used only
+when it is ASCII and reads back equal to the value (orjson's own parser checks that at C speed);
+anything else is encoded the way it always was.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import orjson
 
 
 def dumps_plain(value: Any) -> bytes | None:
-    """orjson's JSON bytes of ``value`` if they read back equal to it, else None (the caller encodes it its
-    own way: a NaN, a tuple, a NumPy scalar, a big integer, a key that is not a string)."""
+    """orjson's JSON bytes of ``value`` if they are ASCII and read back equal to it, else None (the caller
+    encodes it its own way: a NaN, a tuple, a NumPy scalar, a big integer, a key that is not a string, a
+    non-ASCII character)."""
     try:
         out = orjson.dumps(value)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return None
-    return out if orjson.loads(out) == value else None
+    return out if out.isascii() and orjson.loads(out) == value else None
 
 
 def dumps(value: Any) -> str:

@@ -38,10 +38,13 @@ def test_the_text_reads_back_as_the_standard_librarys_does(value):
 
 def test_what_orjson_would_write_otherwise_is_left_to_the_standard_library():
     result = {"request_id": "q-1", "verdict": "benign", "fired": [], "scores": {"c1": 3.2, "c2": 1e-05, "combined": 0.5},
-              "topk": {"ids": [2**40, 7], "distances": [0, 3]}, "image_id": None, "worker": "détect@h"}
+              "topk": {"ids": [2**40, 7], "distances": [0, 3]}, "image_id": None, "worker": "detect@h"}
     assert json.loads(dumps_plain(result)) == result
-    assert dumps(result) == dumps_plain(result).decode()  # compact: no spaces after separators
+    text = dumps(result)
+    assert json.loads(text) == result and text != json.dumps(result)
+    assert ", " not in text and '": ' not in text  # orjson's compact text, not the standard library's
     for odd in ({"c1": float("nan")}, {"c1": float("inf")}, {1: "a"}, (1, 2), [np.float64(0.5)], 2**64 + 1,
-                {"s": "\ud800"}, {"x": [1, {"y": -float("inf")}]}):
+                {"s": "\ud800"}, {"x": [1, {"y": -float("inf")}]}, {"client": "ünï"}, ["détect@h", "\u2028"]):
         assert dumps_plain(odd) is None, odd
         assert dumps(odd) == json.dumps(odd)
+    assert "\\u00fc" in dumps({"client": "ünï"})  # escaped, as it always was: ASCII text for any column
