@@ -4,7 +4,7 @@ The audit store's JSON columns and the result backend's Result meta are on every
 writes compact text that reads back (``json.loads``) to the same values, but some values it writes
 differently from the standard library (NaN and infinities as ``null``) or refuses (integers beyond 64
 bits, keys that are not strings, float subclasses such as NumPy's), and it writes non-ASCII characters
-as they are where the standard library escapes them (``\u00fc``; a PostgreSQL ``json`` column keeps the
+as they are where the standard library escapes them (``\\u00fc``; a PostgreSQL ``json`` column keeps the
 text as given, and a server encoding other than UTF-8 could not hold them). So its text is used only
 when it is ASCII and reads back equal to the value (orjson's own parser checks that at C speed);
 anything else is encoded the way it always was.
