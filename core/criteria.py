@@ -35,7 +35,7 @@ def c2_quantization(f: torch.Tensor | np.ndarray, codes: torch.Tensor | np.ndarr
     torch ops per call dominate at batch size 1); ``codes`` h(x) when already computed.
     """
     if codes is None:
-        codes = sign_codes(f) if isinstance(f, torch.Tensor) else np.where(f >= 0, 1.0, -1.0).astype(f.dtype)
+        codes = sign_codes(f)
     return abs(codes - f).sum(1)
 
 

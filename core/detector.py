@@ -76,11 +76,6 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def host_sign(f: np.ndarray) -> np.ndarray:
-    """`sign_codes` of a host array: ±1 in f's dtype, sign(0) = +1."""
-    return np.where(f >= 0, f.dtype.type(1), f.dtype.type(-1))
-
-
 @register_criterion("c1", "high")
 def _c1(ctx: ScoreContext) -> np.ndarray:
     return c1_mean_hamming(ctx.distances, ctx.bits)
@@ -241,7 +236,7 @@ class Detector:
     @torch.no_grad()
     def retrieve(self, images: torch.Tensor, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Plain retrieval (no detection): (codes (n, K), ids (n, k), distances (n, k))."""
-        codes = host_sign(_host(self.model(images.to(self.device, torch.float32))))
+        codes = sign_codes(_host(self.model(images.to(self.device, torch.float32))))
         ids, d = self.index.search(codes, k or self.top_k)
         return codes.astype(np.int8), ids, d
 
@@ -252,7 +247,7 @@ class Detector:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         f_host = _host(f)
-        codes_host = host_sign(f_host)  # on the host for the search either way; no torch op at batch size 1
+        codes_host = sign_codes(f_host)  # on the host for the search either way; no torch op at batch size 1
         ids, dists = self.index.search(codes_host, self.top_k)
         t2 = time.perf_counter()
         codes = sign_codes(f) if f.device.type != "cpu" else torch.from_numpy(codes_host)

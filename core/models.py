@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,8 +40,11 @@ def create_model(backbone: str = "smallcnn", bits: int = 64, weights_path=None) 
     return CSQModel(backbone, bits, weights_path)
 
 
-def sign_codes(f: torch.Tensor) -> torch.Tensor:
-    """h = sign(f) with sign(0) = +1: (n, K) float in {-1, +1}."""
+def sign_codes(f):
+    """h = sign(f) with sign(0) = +1: (n, K) in {-1, +1}, in f's dtype; a tensor for a tensor, a NumPy array
+    for an array (the detector's host path, where one NumPy call beats three torch ops at batch size 1)."""
+    if isinstance(f, np.ndarray):
+        return np.where(f >= 0, f.dtype.type(1), f.dtype.type(-1))
     return torch.where(f >= 0, 1.0, -1.0).to(f.dtype)
 
 
