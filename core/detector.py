@@ -148,7 +148,7 @@ class DetectionBatch:
 
     def records(self) -> list[dict]:
         """``record(i)`` of every image, converted per batch rather than per image (a worker builds one per
-        request: this is on its batcher's path)."""
+        request: this is on its batcher's path). The records share one ``thresholds`` dict."""
         return self._records(0, len(self))
 
     def _records(self, start: int, stop: int) -> list[dict]:
@@ -162,6 +162,7 @@ class DetectionBatch:
         codes = [row.tobytes().hex() for row in pack_codes(self.codes[rows])]
         ids, distances = self.ids[rows].tolist(), self.distances[rows].tolist()
         complete = (self.ids[rows] >= 0).all(1).tolist()
+        thresholds = dict(self.thresholds)  # one dict for the call's records (a worker encodes it once a batch)
         out = []
         for j in range(stop - start):
             ids_j, dist_j = ids[j], distances[j]
@@ -171,7 +172,7 @@ class DetectionBatch:
                 "verdict": "adversarial" if any(fired[j]) else "benign",
                 "fired": [name for name, f in zip(self.names, fired[j]) if f],
                 "scores": {**{k: v[j] for k, v in scores.items()}, "combined": combined[j]},
-                "thresholds": dict(self.thresholds),
+                "thresholds": thresholds,
                 "topk": {"ids": ids_j, "distances": dist_j},
                 "code": codes[j],
             })

@@ -1,4 +1,5 @@
-"""An in-worker dynamic batcher: task threads hand items to one batching thread and wait on their own futures."""
+"""An in-worker dynamic batcher: task threads hand items to one batching thread and wait on their own futures
+(or, for the items of one message, on one :class:`BatchGroup`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,68 @@ R = TypeVar("R")
 
 class BatcherStopped(RuntimeError):
     """The batcher was stopped: no new item is accepted and queued ones are failed with this."""
+
+
+#: an outcome not in yet
+PENDING = object()
+
+
+class BatchGroup:
+    """The outcomes of items queued together (``MicroBatcher.submit_many``): one wait for all of them.
+
+    ``outcomes[i]`` is item i's result, the exception that failed it, or :data:`PENDING`. ``wait``
+    returns when every item has its outcome (True) or when the timeout passes (False); ``cancel`` keeps
+    the items not started yet out of any batch (they stay PENDING). A worker's message queues 256
+    images at once: one ``concurrent.futures.Future`` each, with ``wait()``'s waiter on every one,
+    cost ~8.5 µs of CPU an image on the development machine, this ~1.
+    """
+
+    __slots__ = ("outcomes", "cancelled", "_remaining", "_lock", "_done")
+
+    def __init__(self, n: int) -> None:
+        self.outcomes: list[Any] = [PENDING] * n
+        self.cancelled = False
+        self._remaining = n
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        if n == 0:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _set(self, index: int, outcome: Any) -> None:
+        self.outcomes[index] = outcome
+        with self._lock:
+            self._remaining -= 1
+            last = self._remaining == 0
+        if last:
+            self._done.set()
+
+
+class _GroupSlot:
+    """Item ``index`` of a :class:`BatchGroup`, answered as the batcher answers a ``Future``."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(self, group: BatchGroup, index: int) -> None:
+        self.group = group
+        self.index = index
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return not self.group.cancelled
+
+    def set_result(self, result: Any) -> None:
+        self.group._set(self.index, result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.group._set(self.index, exc)
 
 
 @dataclass
@@ -55,7 +118,8 @@ class MicroBatcher(Generic[T, R]):
     its exception (no one-by-one retry: the deferred stage is expected to isolate its own failures).
 
     ``submit(item)`` returns a ``concurrent.futures.Future`` resolved with that item's outcome;
-    ``submit_many(items)`` queues several at once (one wake-up of the batching thread, not one each).
+    ``submit_many(items)`` queues several at once (one wake-up of the batching thread, not one each) and
+    returns one :class:`BatchGroup` for them.
     While a batch gathers, the batching thread sleeps until it could be full or its wait is over:
     it is not woken for every item (each wake-up is a GIL hand-off with the submitting threads).
 
@@ -85,8 +149,8 @@ class MicroBatcher(Generic[T, R]):
         self.name = name
         self.on_batch = on_batch  # (batch size, seconds spent in process) after every batch
         self.stats = BatchStats()
-        #: queued (item, future) entries; None asks the batching thread to stop
-        self._queue: deque[tuple[T, Future] | None] = deque()
+        #: queued (item, future or group slot) entries; None asks the batching thread to stop
+        self._queue: deque[tuple[T, Future | _GroupSlot] | None] = deque()
         #: queued entries that would end the batching thread's current wait (1 while it waits for a first item)
         self._wanted = 1
         self._thread: threading.Thread | None = None
@@ -132,11 +196,17 @@ class MicroBatcher(Generic[T, R]):
 
     def submit(self, item: T) -> Future:
         """Queue ``item``; the returned future holds its result (or raises its exception)."""
-        return self.submit_many([item])[0]
+        future: Future = Future()
+        self._enqueue([(item, future)])
+        return future
 
-    def submit_many(self, items: Iterable[T]) -> list[Future]:
-        """Queue ``items`` in order, at once; returns one future per item (as :meth:`submit`)."""
-        entries = [(item, Future()) for item in items]
+    def submit_many(self, items: Sequence[T]) -> BatchGroup:
+        """Queue ``items`` in order, at once; returns the :class:`BatchGroup` of their outcomes."""
+        group = BatchGroup(len(items))
+        self._enqueue([(item, _GroupSlot(group, i)) for i, item in enumerate(items)])
+        return group
+
+    def _enqueue(self, entries: list[tuple[T, Future | _GroupSlot]]) -> None:
         with self._lock:
             if self._stopping.is_set() or self._thread is None:
                 raise BatcherStopped("the batcher is not running")
@@ -144,11 +214,10 @@ class MicroBatcher(Generic[T, R]):
                 self._queue.extend(entries)
                 if len(self._queue) >= self._wanted:
                     self._ready.notify()
-        return [future for _, future in entries]
 
     # ------------------------------------------------------------------ the batching thread
 
-    def _gather(self) -> list[tuple[T, Future]] | None:
+    def _gather(self) -> list[tuple[T, Future | _GroupSlot]] | None:
         """The next batch: blocks for a first item, then gathers until full or the wait ends."""
         with self._ready:
             self._wanted = 1
@@ -184,7 +253,7 @@ class MicroBatcher(Generic[T, R]):
             if self._stopping.is_set() and not self._queue:
                 return
 
-    def _run_batch(self, batch: list[tuple[T, Future]]) -> None:
+    def _run_batch(self, batch: list[tuple[T, Future | _GroupSlot]]) -> None:
         items = [item for item, _ in batch]
         t0 = time.perf_counter()
         deferred: Future | None = None
@@ -216,14 +285,14 @@ class MicroBatcher(Generic[T, R]):
         self._resolve(batch, outcomes)
 
     @staticmethod
-    def _resolve(batch: list[tuple[T, Future]], outcomes: Sequence[R | BaseException]) -> None:
+    def _resolve(batch: list[tuple[T, Future | _GroupSlot]], outcomes: Sequence[R | BaseException]) -> None:
         for (_, future), outcome in zip(batch, outcomes):
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
 
-    def _resolve_deferred(self, batch: list[tuple[T, Future]], done: Future) -> None:
+    def _resolve_deferred(self, batch: list[tuple[T, Future | _GroupSlot]], done: Future) -> None:
         """Resolve a batch's item futures from the future its ``process`` call returned."""
         try:
             outcomes = list(done.result())

@@ -187,11 +187,8 @@ def screen_batch(task: Any, kind: str, items: Any, client: str | None, submitted
 
     runtime = get_runtime(broker_url=task.app.conf.broker_url)
     worker = task.request.hostname or "unknown"
-    requests = [
-        ScreenRequest.from_message(request_id=it["request_id"], kind=kind, worker=worker, image=it.get("image"),
-                                   submitted_at=submitted_at, client=client, source=source, label=label)
-        for it in good
-    ]
+    requests = ScreenRequest.from_items(good, kind=kind, worker=worker, submitted_at=submitted_at, client=client,
+                                        source=source, label=label)
     outcomes = runtime.handle_many(requests, [it.get("image") for it in good])
 
     transient = transient_errors()

@@ -85,8 +85,8 @@ def observe_batch(size: int, model_s: float, search_s: float) -> None:
     SEARCH_LATENCY.observe(search_s)
 
 
-def count(queue: str, outcome: str) -> None:
-    REQUESTS.labels(queue=queue, outcome=outcome).inc()
+def count(queue: str, outcome: str, n: int = 1) -> None:
+    REQUESTS.labels(queue=queue, outcome=outcome).inc(n)
 
 
 def observe_visibility(delays: list[float]) -> None:

@@ -19,6 +19,14 @@ CRITERION_WORDS = {
 QUEUE_OF_KIND = {"query": "detect", "insert": "screen"}
 
 
+def image_ref_kind(image: Any) -> str | None:
+    """The kind of an ImageRef (``inline``, ``redis_key``, ``path``, ``array``, ``part``: its one key), or None."""
+    if isinstance(image, dict) and len(image) == 1:
+        ref = next(iter(image))
+        return ref if ref in IMAGE_REF_KINDS else None
+    return None
+
+
 @dataclass
 class ScreenRequest:
     """One ``umcd.detect`` (kind ``query``) or ``umcd.screen`` (kind ``insert``) request as a worker got it.
@@ -51,10 +59,19 @@ class ScreenRequest:
             client = client if metadata_problem(client=client) is None else None
             source = source if metadata_problem(source=source) is None else None
             label = label if metadata_problem(label=label) is None else None
-        ref = next(iter(image), None) if isinstance(image, dict) and len(image) == 1 else None
         return cls(request_id=request_id, kind=kind, worker=worker[:TEXT_LEN], submitted_at=as_epoch(submitted_at),
-                   client=client, source=source, label=label,
-                   image_ref=ref if ref in IMAGE_REF_KINDS else None, problem=problem)
+                   client=client, source=source, label=label, image_ref=image_ref_kind(image), problem=problem)
+
+    @classmethod
+    def from_items(cls, items: list[dict], *, kind: str, worker: str, submitted_at: Any = None, client: Any = None,
+                   source: Any = None, label: Any = None) -> list[ScreenRequest]:
+        """:meth:`from_message` of each ``{"request_id", "image"}`` item of one batch message, whose fields they
+        share: those are checked once for the message, not once an item."""
+        shared = cls.from_message(request_id="", kind=kind, worker=worker, image=None, submitted_at=submitted_at,
+                                  client=client, source=source, label=label)
+        return [cls(request_id=item["request_id"], kind=kind, worker=shared.worker, submitted_at=shared.submitted_at,
+                    client=shared.client, source=shared.source, label=shared.label,
+                    image_ref=image_ref_kind(item.get("image")), problem=shared.problem) for item in items]
 
     @property
     def queue(self) -> str:
@@ -114,7 +131,9 @@ def detection_result(
     """The Result of a scored request from ``DetectionBatch.record(i)`` (its ``code`` is dropped).
 
     A benign verdict carries the top-k ids and distances; a rejection carries ``topk: None`` and one
-    reason per fired criterion (the audit row keeps the neighbours either way).
+    reason per fired criterion (the audit row keeps the neighbours either way). ``thresholds`` is the record's
+    own dict, not a copy: the records of one batch share it (``DetectionBatch.records``), and so do their
+    Results, whose audit rows then encode it once.
     """
     benign = record["verdict"] == "benign"
     return {
@@ -125,7 +144,7 @@ def detection_result(
                                                        directions),
         "fired": list(record["fired"]),
         "scores": dict(record["scores"]),
-        "thresholds": dict(record["thresholds"]),
+        "thresholds": record["thresholds"],
         "topk": dict(record["topk"]) if benign else None,
         "image_id": None,
         "model_version": model_version,

@@ -8,9 +8,9 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from db import repo
 from db.session import make_engine, session_scope
 from umcd.settings import Settings, export_detector_secret
 from workers import auditwrites, metrics
-from workers.batching import MicroBatcher
+from workers.batching import PENDING, MicroBatcher
 from workers.encoding import decode_pixels_for_model, encode_stored, store_image
 from workers.gcfreeze import freeze_long_lived
 from workers.imaging import (InvalidImage, array_ref_source, blob_part, load_pixel_array, part_ref_source,
@@ -571,21 +571,16 @@ class DetectionRuntime:
         if not decoded:
             return outcomes  # type: ignore[return-value]
         try:  # all at once: one wake-up of the batcher, and this thread wakes once, when the last is answered
-            futures = self.batcher.submit_many([item for _, item in decoded])
+            group = self.batcher.submit_many([item for _, item in decoded])
         except Exception as exc:  # noqa: BLE001 - BatcherStopped: a shutdown; the task retries
             for i, _ in decoded:
                 outcomes[i] = exc
             return outcomes  # type: ignore[return-value]
-        wait_futures(futures, timeout=self.result_timeout_s)
-        for (i, _), future in zip(decoded, futures):
-            if not future.done():
-                future.cancel()
-                outcomes[i] = FutureTimeout(f"no answer from the batcher within {self.result_timeout_s:.0f} s")
-                continue
-            try:
-                outcomes[i] = future.result(timeout=0)
-            except Exception as exc:  # noqa: BLE001 - the batcher failed this item alone
-                outcomes[i] = exc
+        if not group.wait(self.result_timeout_s):
+            group.cancel()  # the items not in a batch yet stay out of any
+        for (i, _), outcome in zip(decoded, group.outcomes):  # a result, or the exception that failed this item alone
+            outcomes[i] = outcome if outcome is not PENDING else FutureTimeout(
+                f"no answer from the batcher within {self.result_timeout_s:.0f} s")
         return outcomes  # type: ignore[return-value]
 
     def _blob_part(self, part: tuple[str, int, int], blobs: dict[str, bytes | BaseException]) -> memoryview:
@@ -743,10 +738,13 @@ class DetectionRuntime:
                 except Exception as one_exc:  # noqa: BLE001
                     written[entry[0].request.request_id] = one_exc
         outcomes: list[dict | BaseException] = []
+        counts: Counter[tuple[str, str]] = Counter()  # (queue, outcome): the metric counted once a batch
         for item, entry in zip(items, entries):
             outcome = entry if isinstance(entry, BaseException) else written[item.request.request_id]
-            metrics.count(item.request.queue, "error" if isinstance(outcome, BaseException) else outcome["verdict"])
+            counts[item.request.queue, "error" if isinstance(outcome, BaseException) else outcome["verdict"]] += 1
             outcomes.append(outcome)
+        for (queue, outcome_name), n in counts.items():
+            metrics.count(queue, outcome_name, n)
         return outcomes
 
     @classmethod

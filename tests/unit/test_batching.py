@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from workers.batching import BatcherStopped, MicroBatcher
+from workers.batching import PENDING, BatcherStopped, BatchGroup, MicroBatcher
 
 from tests.servers import wait_until
 
@@ -56,9 +56,11 @@ def test_submit_many_queues_items_in_order_and_they_share_batches():
     with MicroBatcher(fn, max_size=8, max_wait_s=0.5) as batcher:
         first = batcher.submit_many(range(8))  # a full batch: it runs at once
         assert fn.entered.wait(5)
-        futures = batcher.submit_many(range(8, 28))
+        rest = batcher.submit_many(range(8, 28))
+        assert not rest.done() and rest.outcomes == [PENDING] * 20
         fn.gate.set()
-        assert [f.result(10) for f in first + futures] == [2 * x for x in range(28)]
+        assert first.wait(10) and rest.wait(10)
+        assert first.outcomes + rest.outcomes == [2 * x for x in range(28)]
     assert fn.batches == [list(range(8)), list(range(8, 16)), list(range(16, 24)), list(range(24, 28))]
 
 
@@ -101,7 +103,7 @@ def test_a_gathering_batch_is_not_woken_for_every_item():
         assert fn.batches == [list(range(40))]  # one batch, closed by its wait
         assert counting.wakeups <= 3  # the first item, the end of the wait (and at most one spurious)
         more = batcher.submit_many(range(64))  # a full batch at once: no wait at all
-        assert [f.result(10) for f in more] == [2 * x for x in range(64)]
+        assert more.wait(10) and more.outcomes == [2 * x for x in range(64)]
 
 
 def test_a_batch_never_exceeds_max_size():
@@ -203,6 +205,40 @@ def test_stop_fails_what_is_still_queued_when_its_timeout_passes():
     fn.gate.set()
     assert running.result(10) == 2  # the batch that was running still answers
     assert fn.batches == [[1]]  # nothing queued ran after it
+
+
+def test_a_group_holds_each_items_own_outcome_and_a_cancelled_group_keeps_its_waiting_items_out():
+    fn = Recorder(fail_item={3})
+    fn.gate.clear()
+    with MicroBatcher(fn, max_size=4, max_wait_s=0.0) as batcher:
+        first = batcher.submit_many([1, 2, 3, 4])
+        assert fn.entered.wait(5)  # the first batch is running; the second group waits in the queue
+        second = batcher.submit_many([5, 6, 7])
+        assert not second.wait(0.05)
+        second.cancel()  # as a task whose wait ran out: the items not started yet are never scored
+        fn.gate.set()
+        assert first.wait(10)
+        assert first.outcomes[:2] == [2, 4] and first.outcomes[3] == 8
+        assert isinstance(first.outcomes[2], ValueError)  # item 3 failed alone
+        assert batcher.submit_many([8]).wait(10)  # the batcher went on past the cancelled items
+    assert second.outcomes == [PENDING] * 3 and not second.done()
+    assert fn.batches == [[1, 2, 3, 4], [8]]
+    assert BatchGroup(0).wait(0)  # nothing to wait for
+
+
+def test_stop_fails_the_queued_items_of_a_group():
+    fn = Recorder()
+    fn.gate.clear()
+    batcher = MicroBatcher(fn, max_size=1, max_wait_s=0.0).start()
+    running = batcher.submit(1)
+    assert fn.entered.wait(5)
+    group = batcher.submit_many([2, 3])
+    batcher.stop(timeout=0.2)
+    assert group.wait(1) and all(isinstance(o, BatcherStopped) for o in group.outcomes)
+    fn.gate.set()
+    assert running.result(10) == 2
+    with pytest.raises(BatcherStopped):
+        batcher.submit_many([4])
 
 
 def test_invalid_limits_are_refused():

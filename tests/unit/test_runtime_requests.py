@@ -70,6 +70,28 @@ def test_fields_the_audit_store_cannot_hold_get_invalid_input_and_a_row(runtime,
     assert images[rid] == [] and images[rid + "-m"] == []  # nothing joins the database
 
 
+@pytest.mark.parametrize("fields", [
+    {"client": "c", "source": "s", "label": 3, "submitted_at": 1_700_000_000.5},
+    {"label": 2**31, "client": "c" * 300, "submitted_at": "nan"},
+    {"source": ["not", "text"], "submitted_at": "2026-11-29T01:02:03+00:00"},
+    {},
+])
+def test_a_batch_messages_requests_are_those_of_its_items_one_by_one(fields):
+    """``from_items`` checks the message's shared fields once; each request must be what ``from_message``
+    makes of its item, bad fields, problems and image reference kinds included."""
+    from workers.results import ScreenRequest
+
+    items = [{"request_id": "a", "image": _image(0)}, {"request_id": "b", "image": {"part": {}}},
+             {"request_id": "c", "image": {"colour": "blue"}}, {"request_id": "d"}]
+    many = ScreenRequest.from_items(items, kind="insert", worker="w@test" * 50, **fields)
+    ones = [ScreenRequest.from_message(request_id=it["request_id"], kind="insert", worker="w@test" * 50,
+                                       image=it.get("image"), **fields) for it in items]
+    for a, b in zip(many, ones):
+        a.received_at = b.received_at  # the worker's clock when each was made
+    assert many == ones
+    assert [r.image_ref for r in many] == ["inline", "part", None, None]
+
+
 def test_times_and_references_that_cannot_be_stored_are_kept_out_of_the_request_row(runtime):
     results = runtime.handle_many(
         [_request("t-nan", submitted_at="nan"), _request("t-far", submitted_at=10**400),
