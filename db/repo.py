@@ -156,29 +156,35 @@ def record_request(
     return session.execute(stmt).scalar_one_or_none() is not None
 
 
+#: the score names with a column of their own; any other goes to ``extra_scores``
+_SCORE_COLUMNS = frozenset((*CRITERIA, "combined"))
+
+
 def verdict_fields_from_result(result: Mapping[str, Any]) -> dict[str, Any]:
     """The ``verdicts`` columns of a worker's Result dict (see docs/CONTRACTS.md)."""
-    scores = result.get("scores") or {}
-    latency = result.get("latency_ms") or {}
+    get = result.get
+    scores = get("scores") or {}
+    latency = get("latency_ms") or {}
     fields = {
         "request_id": result["request_id"],
         "kind": result["kind"],
         "verdict": result["verdict"],
-        "reasons": list(result.get("reasons") or []),
-        "fired": list(result.get("fired") or []),
-        "thresholds": result.get("thresholds"),
-        "topk": result.get("topk"),
-        "detector": result.get("detector"),
-        "model_version": result.get("model_version"),
-        "calibration_id": result.get("calibration_id"),
-        "batch_size": result.get("batch_size"),
-        "worker": result.get("worker"),
-        "image_id": result.get("image_id"),
+        "reasons": list(get("reasons") or ()),
+        "fired": list(get("fired") or ()),
+        "thresholds": get("thresholds"),
+        "topk": get("topk"),
+        "detector": get("detector"),
+        "model_version": get("model_version"),
+        "calibration_id": get("calibration_id"),
+        "batch_size": get("batch_size"),
+        "worker": get("worker"),
+        "image_id": get("image_id"),
     }
     for key in (*CRITERIA, "combined"):
         fields[key] = scores.get(key)
-    extra = {k: v for k, v in scores.items() if k not in CRITERIA and k != "combined"}
-    fields["extra_scores"] = extra or None  # the criteria of extension detectors (trust@in, ...)
+    # the criteria of extension detectors (trust@in, ...)
+    fields["extra_scores"] = ({k: v for k, v in scores.items() if k not in _SCORE_COLUMNS} or None
+                              if not scores.keys() <= _SCORE_COLUMNS else None)
     for key in ("queue", "model", "search", "total"):
         fields[f"latency_{key}_ms"] = latency.get(key)
     return fields

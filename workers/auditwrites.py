@@ -100,25 +100,24 @@ def _sqlite_insert(session: Session, table: Table, columns: Sequence[str], rows:
     # the connection's own limit on bound variables (Python 3.11's sqlite3 reports it)
     max_variables = connection.connection.driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     per_statement = max(1, max_variables // len(columns))
-    processors = insert.processors
-    last_in: list[Any] = [_UNSET] * len(processors)
-    last_out: list[Any] = [None] * len(processors)
+    width = len(columns)
+    processed = [(j, process) for j, process in enumerate(insert.processors) if process is not None]
     out: list[Any] = []
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
         params: list[Any] = []
-        append = params.append
         for row in chunk:
-            for j, value in enumerate(row):
-                process = processors[j]
-                if process is None:
-                    append(value)
-                elif value is last_in[j]:
-                    append(last_out[j])
-                else:
-                    last_in[j] = value
-                    last_out[j] = processed = process(value)
-                    append(processed)
+            if len(row) != width:
+                raise ValueError(f"a row of {len(row)} values for {width} columns")
+            params += row
+        for j, process in processed:  # column by column: the values of the columns without a processor stay
+            last_in: Any = _UNSET
+            last_out: Any = None
+            for k in range(j, len(params), width):
+                value = params[k]
+                if value is not last_in:
+                    last_in, last_out = value, process(value)
+                params[k] = last_out
         result = connection.exec_driver_sql(insert.text(len(chunk)), tuple(params))
         if returning is not None:
             out += result.scalars().all()
@@ -173,7 +172,7 @@ def record_requests(session: Session, requests: Sequence[Mapping[str, Any]]) -> 
     for fields in requests:
         if fields.get("kind") not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {fields.get('kind')!r}")
-        row = [fields.get(key) for key in _REQUEST_COLUMNS]
+        row = list(map(fields.get, _REQUEST_COLUMNS))
         image_ref = row[image_ref_at]
         if isinstance(image_ref, Mapping):
             row[image_ref_at] = next(iter(image_ref), None)
@@ -201,7 +200,7 @@ def write_verdicts(session: Session, verdicts: Sequence[Mapping[str, Any]]) -> s
             raise TypeError(f"unknown verdict fields: {sorted(unknown)}")
         if fields.get("verdict") not in VERDICTS or fields.get("kind") not in KINDS:
             raise ValueError(f"bad verdict or kind: {fields.get('verdict')!r}, {fields.get('kind')!r}")
-        row = [fields.get(key) for key in _VERDICT_COLUMNS]
+        row = list(map(fields.get, _VERDICT_COLUMNS))
         for at in (reasons_at, fired_at):
             row[at] = list(row[at]) if row[at] else _NO_ITEMS
         row[created_at] = row[created_at] or now

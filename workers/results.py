@@ -66,11 +66,12 @@ class ScreenRequest:
     def from_items(cls, items: list[dict], *, kind: str, worker: str, submitted_at: Any = None, client: Any = None,
                    source: Any = None, label: Any = None) -> list[ScreenRequest]:
         """:meth:`from_message` of each ``{"request_id", "image"}`` item of one batch message, whose fields they
-        share: those are checked once for the message, not once an item."""
+        share: those are checked once for the message, not once an item. The message's items were received at
+        one time, and their requests hold that one ``received_at``."""
         shared = cls.from_message(request_id="", kind=kind, worker=worker, image=None, submitted_at=submitted_at,
                                   client=client, source=source, label=label)
         return [cls(request_id=item["request_id"], kind=kind, worker=shared.worker, submitted_at=shared.submitted_at,
-                    client=shared.client, source=shared.source, label=shared.label,
+                    received_at=shared.received_at, client=shared.client, source=shared.source, label=shared.label,
                     image_ref=image_ref_kind(item.get("image")), problem=shared.problem) for item in items]
 
     @property

@@ -86,8 +86,9 @@ def test_a_batch_messages_requests_are_those_of_its_items_one_by_one(fields):
     many = ScreenRequest.from_items(items, kind="insert", worker="w@test" * 50, **fields)
     ones = [ScreenRequest.from_message(request_id=it["request_id"], kind="insert", worker="w@test" * 50,
                                        image=it.get("image"), **fields) for it in items]
+    assert len({r.received_at for r in many}) == 1  # received together
     for a, b in zip(many, ones):
-        a.received_at = b.received_at  # the worker's clock when each was made
+        b.received_at = a.received_at  # the worker's clock when each was made
     assert many == ones
     assert [r.image_ref for r in many] == ["inline", "part", None, None]
 

@@ -175,6 +175,22 @@ def test_results_stored_per_item_are_read_by_wait_as_results_and_errors(broker):
     pubsub.close()
 
 
+def test_result_keys_of_a_batch_are_the_backends_own_keys():
+    """``store_item_results`` builds each key as the backend's prefix plus the id only where that is what the
+    backend's own ``get_key_for_task`` makes (probed); any other backend's method is used as it is."""
+    from types import SimpleNamespace
+
+    from umcd.celeryconf import make_celery
+    from workers.batchtasks import _task_keys
+
+    backend = make_celery().backend
+    ids = ["r-1", "a.b:c_d-9", "x" * 64]
+    assert [_task_keys(backend, ids[0])(rid) for rid in ids] == [backend.get_key_for_task(rid) for rid in ids]
+    odd = SimpleNamespace(get_key_for_task=lambda rid: f"meta:{rid[::-1]}:0".encode())  # not prefix + id
+    keys = _task_keys(odd, ids[0])
+    assert keys is odd.get_key_for_task and keys("r-1") == b"meta:1-r:0"
+
+
 def test_results_stored_per_item_keep_celerys_encoding_for_nan_and_no_expiry(broker, monkeypatch):
     """A Result that plain JSON cannot hold (a NaN score) is encoded by Celery's own serializer, in the same
     script call as the others; a backend without an expiry stores keys without one."""
