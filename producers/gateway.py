@@ -146,7 +146,7 @@ def _multipart_body(with_insert_fields: bool) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "file": {"type": "string", "format": "binary", "description": "the image (PNG, JPEG, ...)"},
         "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN, "maxLength": REQUEST_ID_LEN,
-                       "description": "optional client-chosen id; default: a new uuid4 hex"},
+                       "description": "optional client-chosen id; default: a new UUID version 7 in hex (time-ordered)"},
     }
     if with_insert_fields:
         properties["source"] = {"type": "string", "maxLength": 256, "description": "where the image came from"}

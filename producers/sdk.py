@@ -415,7 +415,7 @@ class Client:
 
         with self.app.producer_or_acquire() as producer:
             for image, rid in zip(images, ids):
-                rid = self._request_id(rid)
+                rid = new_request_id() if rid is None else rid  # given ids were checked by _submit_many
                 data = read_image(image, self.settings.max_image_bytes)
                 if len(data) > BLOB_MESSAGE_BYTES:  # larger than a blob (a raised UMCD_MAX_IMAGE_BYTES): its own key
                     pending.append((rid, self.image_ref(rid, data)))
@@ -453,7 +453,7 @@ class Client:
 
         with self.app.producer_or_acquire() as producer:
             for image, rid in zip(images, ids):
-                rid = self._request_id(rid)
+                rid = new_request_id() if rid is None else rid  # given ids were checked by _submit_many
                 ref = self.image_ref(rid, read_image(image, self.settings.max_image_bytes))
                 size = len(ref.get("inline", ""))
                 if pending and pending_bytes + size > BATCH_MESSAGE_BYTES:
@@ -480,7 +480,7 @@ class Client:
         batch_task, queue = BATCH_TASKS[task]
         per_image = int(np.prod(pixels.shape[1:]))
         step = max(1, min(batch_size, ARRAY_MESSAGE_BYTES // per_image))
-        rids = [self._request_id(rid) for rid in ids]
+        rids = [new_request_id() if rid is None else rid for rid in ids]  # given ids were checked by _submit_many
         with self.app.producer_or_acquire() as producer:
             for start in range(0, len(rids), step):
                 chunk = rids[start : start + step]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from typer.testing import CliRunner
 
@@ -59,3 +61,33 @@ def test_the_fleet_benchmarks_listener_reads_a_ready_state_without_parsing_eithe
         assert ready(json.dumps(meta).encode()) is expected, status
     assert parsed == []
     assert ready(b'{"status" :  "SUCCESS"}') is True and parsed == [1]  # another spelling: parsed, still right
+
+
+def test_the_fleet_benchmarks_listener_stamps_each_ready_result_as_it_is_published(redis_server):
+    """The listener reads the backend's publications as raw replies on a connection of its own: a Result stored
+    by a worker's batch script (orjson) or by Celery itself is stamped when it arrives; a state that is not
+    ready (STARTED) is not, and neither is anything published on another channel."""
+    from celery import states
+
+    from umcd.bench.fleet import ResultListener
+    from umcd.celeryconf import make_celery
+    from umcd.settings import Settings
+    from workers.batchtasks import store_item_results
+
+    url = redis_server.url_for(13)
+    backend = make_celery(Settings(broker_url=url, result_backend=url)).backend
+    listener = ResultListener(url)
+    try:
+        t0 = time.perf_counter()
+        store_item_results(backend, [(f"lr-{i}", {"request_id": f"lr-{i}", "verdict": "benign"}) for i in range(300)])
+        backend.store_result("lr-celery", {"verdict": "benign"}, states.SUCCESS)
+        backend.store_result("lr-started", None, states.STARTED)
+        listener.redis.publish("elsewhere-lr-x", b'{"status":"SUCCESS"}')
+        assert listener.wait_for([f"lr-{i}" for i in range(300)] + ["lr-celery"], timeout=10) == 0
+        time.sleep(0.2)  # anything else published meanwhile has arrived too
+        assert set(listener.arrived) == {f"lr-{i}" for i in range(300)} | {"lr-celery"}
+        assert all(t0 <= t <= time.perf_counter() for t in listener.arrived.values())
+        assert listener.wait_for(["lr-never"], timeout=0.3) == 1  # one missing id: the wait ends at its timeout
+    finally:
+        listener.close()
+    assert not listener._thread.is_alive()

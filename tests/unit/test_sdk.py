@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,8 +187,21 @@ def test_insert_from_a_path_carries_source_label_and_client(sdk, tmp_path):
     assert (result.raw["source"], result.raw["label"], result.raw["client"]) == ("camera-2", 7, "tests")
 
 
+def test_new_request_ids_are_valid_unique_and_sort_in_the_order_they_were_made():
+    """Time-ordered (UUID version 7) so that the audit store's request-id indexes take new rows at their end."""
+    import uuid
+
+    ids = [new_request_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids) and ids == sorted(ids)
+    assert all(len(rid) == 32 and validate_request_id(rid) == rid for rid in ids)
+    assert {uuid.UUID(hex=rid).version for rid in ids} == {7}
+    later = new_request_id()
+    time.sleep(0.002)
+    assert new_request_id() > later > ids[-1]
+
+
 def test_client_supplied_request_id_is_the_task_id(sdk):
-    rid = f"mine:{new_request_id()[:8]}.v1"
+    rid = f"mine:{new_request_id()[-8:]}.v1"  # the random end (the start is the time)
     assert sdk.submit_query(_png(16), request_id=rid) == rid
     assert _wait_one(sdk, rid).request_id == rid
     assert sdk.result(rid).verdict == "benign"
