@@ -158,36 +158,35 @@ def record_request(
 
 #: the score names with a column of their own; any other goes to ``extra_scores``
 _SCORE_COLUMNS = frozenset((*CRITERIA, "combined"))
+#: the ``verdicts`` columns a Result fills, in the table's order (``id`` and ``created_at`` are the store's)
+VERDICT_RESULT_COLUMNS = (
+    "request_id", "kind", "verdict", "reasons", *CRITERIA, "combined", "extra_scores", "thresholds", "fired",
+    "detector", "model_version", "calibration_id", "batch_size", "latency_queue_ms", "latency_model_ms",
+    "latency_search_ms", "latency_total_ms", "worker", "image_id", "topk",
+)
+
+
+def verdict_values_from_result(result: Mapping[str, Any]) -> list[Any]:
+    """The ``verdicts`` values of a worker's Result dict, in ``VERDICT_RESULT_COLUMNS`` order (a worker's batch
+    writes these lists as they are: :func:`verdict_fields_from_result` names them)."""
+    get = result.get
+    scores = get("scores") or {}
+    latency = get("latency_ms") or {}
+    score, lat = scores.get, latency.get
+    return [
+        result["request_id"], result["kind"], result["verdict"], list(get("reasons") or ()),
+        *map(score, CRITERIA), score("combined"),
+        # the criteria of extension detectors (trust@in, ...)
+        None if scores.keys() <= _SCORE_COLUMNS else {k: v for k, v in scores.items() if k not in _SCORE_COLUMNS},
+        get("thresholds"), list(get("fired") or ()), get("detector"), get("model_version"), get("calibration_id"),
+        get("batch_size"), lat("queue"), lat("model"), lat("search"), lat("total"), get("worker"), get("image_id"),
+        get("topk"),
+    ]
 
 
 def verdict_fields_from_result(result: Mapping[str, Any]) -> dict[str, Any]:
     """The ``verdicts`` columns of a worker's Result dict (see docs/CONTRACTS.md)."""
-    get = result.get
-    scores = get("scores") or {}
-    latency = get("latency_ms") or {}
-    fields = {
-        "request_id": result["request_id"],
-        "kind": result["kind"],
-        "verdict": result["verdict"],
-        "reasons": list(get("reasons") or ()),
-        "fired": list(get("fired") or ()),
-        "thresholds": get("thresholds"),
-        "topk": get("topk"),
-        "detector": get("detector"),
-        "model_version": get("model_version"),
-        "calibration_id": get("calibration_id"),
-        "batch_size": get("batch_size"),
-        "worker": get("worker"),
-        "image_id": get("image_id"),
-    }
-    for key in (*CRITERIA, "combined"):
-        fields[key] = scores.get(key)
-    # the criteria of extension detectors (trust@in, ...)
-    fields["extra_scores"] = ({k: v for k, v in scores.items() if k not in _SCORE_COLUMNS} or None
-                              if not scores.keys() <= _SCORE_COLUMNS else None)
-    for key in ("queue", "model", "search", "total"):
-        fields[f"latency_{key}_ms"] = latency.get(key)
-    return fields
+    return dict(zip(VERDICT_RESULT_COLUMNS, verdict_values_from_result(result)))
 
 
 def write_verdict(session: Session, **fields: Any) -> bool:

@@ -29,6 +29,8 @@ from db.models import KINDS, VERDICTS, Request, Verdict, utcnow
 
 _REQUEST_COLUMNS = tuple(c.key for c in Request.__table__.columns)
 _VERDICT_COLUMNS = tuple(c.key for c in Verdict.__table__.columns if c.key != "id")
+if _VERDICT_COLUMNS != (*repo.VERDICT_RESULT_COLUMNS, "created_at"):  # write_verdict_values' rows are in this order
+    raise RuntimeError(f"the verdicts table's columns {_VERDICT_COLUMNS} are not those of repo.VERDICT_RESULT_COLUMNS")
 _VERDICT_COLUMN_SET = frozenset(_VERDICT_COLUMNS)
 _REQUEST_AT = {name: _REQUEST_COLUMNS.index(name) for name in ("image_ref", "submitted_at", "received_at")}
 _VERDICT_AT = {name: _VERDICT_COLUMNS.index(name) for name in ("reasons", "fired", "created_at")}
@@ -189,20 +191,29 @@ def write_verdicts(session: Session, verdicts: Sequence[Mapping[str, Any]]) -> s
     takes them. A request id already holding a verdict (a redelivery) keeps its first one and is
     absent from the returned set.
     """
-    if not verdicts:
-        return set()
     rows = []
-    now = utcnow()
-    reasons_at, fired_at, created_at = (_VERDICT_AT[k] for k in ("reasons", "fired", "created_at"))
     for fields in verdicts:
         unknown = fields.keys() - _VERDICT_COLUMN_SET
         if unknown:
             raise TypeError(f"unknown verdict fields: {sorted(unknown)}")
-        if fields.get("verdict") not in VERDICTS or fields.get("kind") not in KINDS:
-            raise ValueError(f"bad verdict or kind: {fields.get('verdict')!r}, {fields.get('kind')!r}")
-        row = list(map(fields.get, _VERDICT_COLUMNS))
+        rows.append(list(map(fields.get, repo.VERDICT_RESULT_COLUMNS)) + [fields.get("created_at")])
+    return write_verdict_values(session, rows)
+
+
+def write_verdict_values(session: Session, rows: Sequence[list[Any]]) -> set[str]:
+    """:func:`write_verdicts` of rows of values in the table's column order (``repo.verdict_values_from_result``
+    plus ``created_at``, None for now); the rows' lists may be changed. Returns the request ids written."""
+    if not rows:
+        return set()
+    now = utcnow()
+    reasons_at, fired_at, created_at = (_VERDICT_AT[k] for k in ("reasons", "fired", "created_at"))
+    kind_at, verdict_at = _VERDICT_COLUMNS.index("kind"), _VERDICT_COLUMNS.index("verdict")
+    for row in rows:
+        if len(row) != len(_VERDICT_COLUMNS):
+            raise ValueError(f"a verdict row of {len(row)} values for {len(_VERDICT_COLUMNS)} columns")
+        if row[verdict_at] not in VERDICTS or row[kind_at] not in KINDS:
+            raise ValueError(f"bad verdict or kind: {row[verdict_at]!r}, {row[kind_at]!r}")
         for at in (reasons_at, fired_at):
             row[at] = list(row[at]) if row[at] else _NO_ITEMS
         row[created_at] = row[created_at] or now
-        rows.append(row)
     return set(_insert_rows(session, Verdict.__table__, _VERDICT_COLUMNS, rows, returning="request_id"))

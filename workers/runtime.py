@@ -788,13 +788,14 @@ class DetectionRuntime:
         with session_scope(self.engine, write=True) as s:
             if queries:  # queries touch no index: their rows go in one multi-row statement per table
                 auditwrites.record_requests(s, [item.request.request_fields() for item, *_ in queries])
-                verdicts = []
+                rows = []
                 for item, result, record, _ in queries:
-                    fields = repo.verdict_fields_from_result(result)
-                    fields["topk"] = record["topk"]  # the audit row keeps the neighbours of rejections too
-                    verdicts.append(fields)
+                    values = repo.verdict_values_from_result(result)
+                    values[_TOPK_AT] = record["topk"]  # the audit row keeps the neighbours of rejections too
+                    values.append(None)  # created_at: the batch's time of writing
+                    rows.append(values)
                     out[item.request.request_id] = result
-                written = auditwrites.write_verdicts(s, verdicts)
+                written = auditwrites.write_verdict_values(s, rows)
                 duplicates += [item.request.request_id for item, *_ in queries
                                if item.request.request_id not in written]
             inserts = [entry for entry in entries if entry[0].request.kind == "insert"]
@@ -842,6 +843,10 @@ class DetectionRuntime:
         for image_id, code in local_adds:
             state.replica.add_local(image_id, code)
         return out
+
+
+#: where a Result's verdict values hold the top-k neighbours (``repo.verdict_values_from_result``)
+_TOPK_AT = repo.VERDICT_RESULT_COLUMNS.index("topk")
 
 
 # --------------------------------------------------------------------------- the process-wide runtime
