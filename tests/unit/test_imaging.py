@@ -115,6 +115,17 @@ def test_decode_pixels_is_decode_image_before_its_float_conversion(corpus):
     assert np.array_equal(stacked, np.stack([to_model(p) for p in decoded]))
 
 
+def test_to_model_gives_every_8_bit_sample_the_float32_of_its_quotient_by_255():
+    """Every value 0..255 in every channel, in a batch and alone: the bits of ``astype(float32) / 255``."""
+    values = np.arange(256, dtype=np.uint8)
+    batch = np.stack([np.roll(values, k).reshape(16, 16) for k in range(6)]).reshape(2, 16, 16, 3)
+    for pixels in (batch, batch[1], batch[:, ::2, 1:]):  # a strided view too
+        expected = np.moveaxis(pixels, -1, -3).astype(np.float32) / np.float32(255.0)
+        got = to_model(pixels)
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == expected.shape
+        assert np.array_equal(got.view(np.uint32), np.ascontiguousarray(expected).view(np.uint32))
+
+
 @pytest.mark.parametrize("image", [
     Image.fromarray(np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 200),  # 16-bit gray
     Image.fromarray(np.tile(np.linspace(0.0, 1.0, 16, dtype=np.float32), (16, 1)), mode="F"),
