@@ -579,6 +579,8 @@ class DetectionRuntime:
         if not group.wait(self.result_timeout_s):
             group.cancel()  # the items not in a batch yet stay out of any
         for (i, _), outcome in zip(decoded, group.outcomes):  # a result, or the exception that failed this item alone
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # SystemExit, KeyboardInterrupt...: the task stops, as handle() lets them through
             outcomes[i] = outcome if outcome is not PENDING else FutureTimeout(
                 f"no answer from the batcher within {self.result_timeout_s:.0f} s")
         return outcomes  # type: ignore[return-value]

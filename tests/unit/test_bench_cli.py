@@ -88,6 +88,15 @@ def test_the_fleet_benchmarks_listener_stamps_each_ready_result_as_it_is_publish
         assert set(listener.arrived) == {f"lr-{i}" for i in range(300)} | {"lr-celery"}
         assert all(t0 <= t <= time.perf_counter() for t in listener.arrived.values())
         assert listener.wait_for(["lr-never"], timeout=0.3) == 1  # one missing id: the wait ends at its timeout
+        # its connection dropped (a restarted backend, a killed client): it subscribes again and goes on
+        host, port = listener._sock.getsockname()[:2]
+        assert listener.redis.execute_command("CLIENT", "KILL", "ADDR", f"{host}:{port}") in (b"OK", "OK", True)
+        deadline = time.monotonic() + 10
+        while listener.reconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert listener.reconnects == 1
+        store_item_results(backend, [("lr-after", {"request_id": "lr-after", "verdict": "benign"})])
+        assert listener.wait_for(["lr-after"], timeout=10) == 0
     finally:
         listener.close()
     assert not listener._thread.is_alive()

@@ -142,6 +142,23 @@ def test_a_batch_written_again_one_by_one_keeps_every_insertions_image_path(runt
         assert path is not None and Path(path).name.startswith(f"{rid}-") and path.endswith(".img"), (rid, path)
 
 
+def test_an_exit_raised_in_a_batch_stops_the_task_as_it_does_for_a_single_image(runtime, monkeypatch):
+    """An exception that is not an ``Exception`` (SystemExit, KeyboardInterrupt) fails no item quietly: both
+    ``handle`` and ``handle_many`` let it through to the task, and a plain error stays the item's own outcome."""
+
+    def process(items):
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(runtime.batcher, "process", process)
+    with pytest.raises(SystemExit):
+        runtime.handle(_request("exit-1"), _image(20))
+    with pytest.raises(SystemExit):
+        runtime.handle_many([_request("exit-2"), _request("exit-3")], [_image(21), _image(22)])
+    monkeypatch.setattr(runtime.batcher, "process", lambda items: [ValueError("this one") for _ in items])
+    outcomes = runtime.handle_many([_request("err-1"), _request("err-2")], [_image(23), _image(24)])
+    assert [type(o) for o in outcomes] == [ValueError, ValueError]
+
+
 @pytest.mark.parametrize("first", ["query", "invalid"])
 def test_an_id_answered_before_and_sent_again_as_an_insertion_adds_no_image(runtime, first):
     """The first verdict stands, and an image never joins the database without a verdict of its own."""

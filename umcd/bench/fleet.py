@@ -253,59 +253,85 @@ class ResultListener:
             return False
 
     def __init__(self, backend_url: str) -> None:
-        import hiredis
-
         from umcd.celeryconf import redis_from_url
 
         self.redis = redis_from_url(backend_url)
-        # a connection of its own, read as raw replies: redis-py's PubSub.get_message cost this thread ~11-18 us
-        # of CPU a Result (on the cores it measures), hiredis's Reader on the socket's bytes a fraction of it
-        self._conn = self.redis.connection_pool.make_connection()
-        self._conn.connect()  # the handshake (AUTH, SELECT) as any client of this URL
-        self._conn.send_command("PSUBSCRIBE", "celery-task-meta-*")
-        self._reader = hiredis.Reader()
-        self._sock = self._conn._sock
-        self._sock.settimeout(0.1)
-        reply = self._next_reply(deadline=time.monotonic() + 10.0)  # subscribed before anything is sent
-        if not (isinstance(reply, list) and reply[:1] == [b"psubscribe"]):
-            raise RuntimeError(f"the result listener could not subscribe: {reply!r}")
         self.arrived: dict[str, float] = {}
+        self.reconnects = 0  # the connection was lost and made again (what was published meanwhile is missed)
         self._awaited: set[str] = set()  # ids a wait_for still misses; it is woken when this empties
         self._stop = threading.Event()
         self._cond = threading.Condition()
+        self._connect()  # subscribed before anything is sent
         self._thread = threading.Thread(target=self._run, name="umcd-bench-results", daemon=True)
         self._thread.start()
 
-    def _next_reply(self, deadline: float):
-        while time.monotonic() < deadline:
-            reply = self._reader.gets()
-            if reply is not False:
-                return reply
+    def _connect(self) -> None:
+        """A connection of its own, subscribed (its PSUBSCRIBE confirmed) when this returns. Its replies are
+        read raw: redis-py's PubSub.get_message cost this thread ~11-18 us of CPU a Result (on the cores it
+        measures), hiredis's Reader on the socket's bytes a fraction of it."""
+        import hiredis
+
+        conn = self.redis.connection_pool.make_connection()
+        try:
+            conn.connect()  # the handshake (AUTH, SELECT) as any client of this URL
+            conn.send_command("PSUBSCRIBE", "celery-task-meta-*")
+            self._conn, self._reader, self._sock = conn, hiredis.Reader(), conn._sock
+            self._sock.settimeout(0.1)
+            deadline = time.monotonic() + 10.0
+            while (reply := self._reader.gets()) is False:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no reply from the result backend")
+                self._feed()
+            if not (isinstance(reply, list) and reply[:1] == [b"psubscribe"]):
+                raise RuntimeError(f"the result listener could not subscribe: {reply!r}")
+        except BaseException:
+            conn.disconnect()
+            raise
+
+    def _feed(self) -> bool:
+        """Read what the socket holds into the reader (False when nothing came within 0.1 s); a closed or
+        broken connection raises ConnectionError."""
+        try:
+            data = self._sock.recv(1 << 20)
+        except TimeoutError:
+            return False
+        except OSError as exc:
+            raise ConnectionError(f"the listener's connection failed: {exc}") from exc
+        if not data:
+            raise ConnectionError("the result backend closed the listener's connection")
+        self._reader.feed(data)
+        return True
+
+    def _reconnect(self, exc: Exception) -> None:
+        """Connect and subscribe again, with back-off, until it works or the listener is closed."""
+        log.warning("the result listener lost its connection (%s); subscribing again (Results published "
+                    "meanwhile are missed)", exc)
+        self._conn.disconnect()
+        delay = 0.05
+        while not self._stop.is_set():
             try:
-                data = self._sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            if not data:
-                raise ConnectionError("the result backend closed the listener's connection")
-            self._reader.feed(data)
-        raise TimeoutError("no reply from the result backend")
+                self._connect()
+                self.reconnects += 1
+                return
+            except Exception as again:  # noqa: BLE001 - the backend is still away
+                log.debug("the result listener could not reconnect yet: %s", again)
+                self._stop.wait(delay)
+                delay = min(2.0, delay * 2)
 
     def _run(self) -> None:
         prefix = len(b"celery-task-meta-")
-        reader, sock, ready = self._reader, self._sock, self._ready
+        ready = self._ready
         while not self._stop.is_set():
             try:
-                data = sock.recv(1 << 20)
-            except TimeoutError:
+                if not self._feed():
+                    continue
+            except ConnectionError as exc:
+                if not self._stop.is_set():
+                    self._reconnect(exc)
                 continue
-            except OSError:  # closed
-                return
-            if not data:
-                return
             now = time.perf_counter()
-            reader.feed(data)
             arrived = []
-            while (reply := reader.gets()) is not False:
+            while (reply := self._reader.gets()) is not False:  # also any that came with the confirmation
                 if isinstance(reply, list) and len(reply) == 4 and reply[0] == b"pmessage" and ready(reply[3]):
                     arrived.append(reply[2][prefix:].decode())
             if not arrived:
