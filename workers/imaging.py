@@ -20,6 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+try:  # the fast PNG path's own inflate of the IDAT stream: zlib-ng's (the same results, ~30% faster on a digit)
+    from zlib_ng import zlib_ng as _inflate_lib
+except ImportError:  # pragma: no cover - a platform without its wheel: the standard library's zlib
+    _inflate_lib = zlib
+
 try:  # libspng's decoder (pyspng): the fast path for plain 8-bit PNGs; Pillow decodes everything else
     import pyspng
 except ImportError:  # pragma: no cover - a platform without its wheel: every image goes through Pillow
@@ -243,10 +248,10 @@ def _fast_png(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray | No
             return None
         pos = stop
     scanlines = height * (1 + width * _FAST_PNG_CHANNELS[colour])
-    inflate = zlib.decompressobj()
+    inflate = _inflate_lib.decompressobj()
     try:
         raw = inflate.decompress(b"".join(idat), scanlines + 1)
-    except zlib.error:
+    except _inflate_lib.error:
         return None
     if len(raw) != scanlines or not inflate.eof or inflate.unused_data:
         return None

@@ -514,6 +514,9 @@ def _outcome(data: bytes, *, fast: bool):
 
 def test_libspng_is_installed_for_the_fast_png_path():
     assert fast_png_available()  # pyspng is a dependency; without it every PNG silently went through Pillow
+    from workers import imaging
+
+    assert imaging._inflate_lib.__name__ == "zlib_ng.zlib_ng"  # zlib-ng too: without it the gate's inflate is slower
 
 
 @pytest.mark.parametrize("name", CORPUS_NAMES)
