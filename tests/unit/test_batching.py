@@ -198,13 +198,17 @@ def test_stop_fails_what_is_still_queued_when_its_timeout_passes():
     running = batcher.submit(1)
     assert fn.entered.wait(5)
     queued = [batcher.submit(x) for x in range(2, 5)]
+    group = batcher.submit_many([5, 6])  # a message's items, queued together
     batcher.stop(timeout=0.2)
     for f in queued:
         with pytest.raises(BatcherStopped):
             f.result(1)
+    assert group.wait(1) and all(isinstance(o, BatcherStopped) for o in group.outcomes)
     fn.gate.set()
     assert running.result(10) == 2  # the batch that was running still answers
     assert fn.batches == [[1]]  # nothing queued ran after it
+    with pytest.raises(BatcherStopped):
+        batcher.submit_many([7])
 
 
 def test_a_group_holds_each_items_own_outcome_and_a_cancelled_group_keeps_its_waiting_items_out():
@@ -224,21 +228,6 @@ def test_a_group_holds_each_items_own_outcome_and_a_cancelled_group_keeps_its_wa
     assert second.outcomes == [PENDING] * 3 and not second.done()
     assert fn.batches == [[1, 2, 3, 4], [8]]
     assert BatchGroup(0).wait(0)  # nothing to wait for
-
-
-def test_stop_fails_the_queued_items_of_a_group():
-    fn = Recorder()
-    fn.gate.clear()
-    batcher = MicroBatcher(fn, max_size=1, max_wait_s=0.0).start()
-    running = batcher.submit(1)
-    assert fn.entered.wait(5)
-    group = batcher.submit_many([2, 3])
-    batcher.stop(timeout=0.2)
-    assert group.wait(1) and all(isinstance(o, BatcherStopped) for o in group.outcomes)
-    fn.gate.set()
-    assert running.result(10) == 2
-    with pytest.raises(BatcherStopped):
-        batcher.submit_many([4])
 
 
 def test_invalid_limits_are_refused():
